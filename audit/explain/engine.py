@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ CAM_METHODS = ("cam", "gradcam", "gradcam++")
 PIXEL_METHODS = ("saliency", "guided_backprop", "guided_gradcam")
 METHODS = CAM_METHODS + PIXEL_METHODS
 
-Targets = Union[None, int, Sequence[int], Tensor]
+Targets = None | int | Sequence[int] | Tensor
 
 
 class CAMNotApplicableError(ValueError):

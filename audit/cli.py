@@ -1,0 +1,418 @@
+"""The `audit` command line: data, train, run, demo, check, report, explain."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_GATES_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(click.ClickException):
+    """A user's mistake: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn the project's input errors into one-line BadInput errors."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from audit.config import ConfigError
+        from audit.data.manifest import ManifestError
+        from audit.models.io import CheckpointError
+        from audit.report.render import ReportError
+        from audit.runner import AuditError
+
+        try:
+            return func(*args, **kwargs)
+        except (
+            ConfigError,
+            ManifestError,
+            CheckpointError,
+            ReportError,
+            AuditError,
+            FileExistsError,
+        ) as error:
+            raise BadInput(" ".join(str(error).split())) from None
+        except ValueError as error:  # e.g. an unknown arch or layer, raised with a clear message
+            raise BadInput(" ".join(str(error).split())) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="audit")
+def main() -> None:
+    """Bias audits of image classifiers with CAM, Grad-CAM and Guided Grad-CAM."""
+
+
+# -- data -------------------------------------------------------------------------------------
+@main.group()
+def data() -> None:
+    """Generate the reference data set or validate a manifest."""
+
+
+@data.command("doctor-nurse")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("datasets/doctor_nurse"),
+    help="Folder to write.",
+)
+@click.option(
+    "--seed", type=int, default=0, help="Random seed: the same seed gives byte-identical files."
+)
+@click.option(
+    "--image-size", type=click.IntRange(32, 512), default=64, help="Image side in pixels."
+)
+@click.option(
+    "--n-train", type=click.IntRange(4), default=1600, help="Images in each training split."
+)
+@click.option("--n-val", type=click.IntRange(4), default=400, help="Images in the val split.")
+@click.option(
+    "--n-test",
+    type=click.IntRange(4),
+    default=800,
+    help="Images in the test split (each with a twin).",
+)
+@click.option(
+    "--doctor-male",
+    type=click.FloatRange(0, 1),
+    default=0.78,
+    help="Share of doctors who are men in train_biased.",
+)
+@click.option(
+    "--nurse-female",
+    type=click.FloatRange(0, 1),
+    default=0.93,
+    help="Share of nurses who are women in train_biased.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@user_errors
+def data_doctor_nurse(out: Path, overwrite: bool, **spec: Any) -> None:
+    """Generate the doctor/nurse data set with exact region masks and counterfactual twins."""
+    from audit.data.doctor_nurse import DoctorNurseSpec, generate
+
+    manifest = generate(DoctorNurseSpec(**spec), out, overwrite=overwrite)
+    click.echo(f"wrote {manifest}")
+
+
+@data.command("validate")
+@click.argument("manifest", type=click.Path(path_type=Path))
+def data_validate(manifest: Path) -> None:
+    """Check a manifest and print every problem, one per line (exit 1 if any)."""
+    from audit.data.manifest import validate
+
+    problems = validate(manifest)
+    for problem in problems:
+        click.echo(f"{manifest}: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{manifest}: ok")
+
+
+# -- train ------------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="manifest.csv of the data set.",
+)
+@click.option("--split", default="train_biased", help="Split to train on.")
+@click.option("--val-split", default="val", help="Split for validation accuracy ('' for none).")
+@click.option("--arch", default="small_cnn", help="small_cnn or a torchvision classifier name.")
+@click.option("--epochs", type=click.IntRange(1), default=10)
+@click.option("--batch-size", type=click.IntRange(1), default=64)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3)
+@click.option("--image-size", type=click.IntRange(8), default=64)
+@click.option("--seed", type=int, default=0)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Checkpoint to write (a state dict).",
+)
+@user_errors
+def train(
+    manifest: Path,
+    split: str,
+    val_split: str,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    image_size: int,
+    seed: int,
+    out: Path,
+) -> None:
+    """Train one classifier on a manifest split and save its checkpoint."""
+    import torch
+
+    from audit.data.dataset import load_samples
+    from audit.data.manifest import read_manifest
+    from audit.models.io import save_checkpoint
+    from audit.models.train import TrainConfig, train_model
+    from audit.models.zoo import build_model
+
+    m = read_manifest(manifest)
+    classes = sorted(set(m.table["label"]))
+    build_model(arch, len(classes))
+    samples = load_samples(m, m.split(split), classes, image_size, with_regions=False)
+    val = (
+        load_samples(m, m.split(val_split), classes, image_size, with_regions=False)
+        if val_split
+        else None
+    )
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes))
+    history = train_model(
+        model,
+        samples.images,
+        samples.labels,
+        TrainConfig(epochs, batch_size, lr, seed=seed),
+        val=(val.images, val.labels) if val else None,
+    )
+    save_checkpoint(
+        model,
+        out,
+        arch=arch,
+        classes=classes,
+        meta={"split": split, "epochs": epochs, "seed": seed, "history": history.loss},
+    )
+    click.echo(f"wrote {out} (classes {classes}; final loss {history.loss[-1]:.4f})")
+
+
+# -- run / demo -------------------------------------------------------------------------------
+def _report_gates(run_dir: Path) -> int:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    failed = [g for g in metrics["gates"] if not g["passed"]]
+    for name, verdict in metrics["verdicts"].items():
+        click.echo(f"verdict: {name}: {verdict.upper()}")
+    return len(failed)
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run folder [default: reports/<config name>].",
+)
+@click.option(
+    "--fail-on-gates", is_flag=True, help="Exit 1 when a gate fails (as `audit check` does)."
+)
+@click.option(
+    "--no-report", is_flag=True, help="Skip the HTML/PDF report (render later with `audit report`)."
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def run(config: Path, out: Path | None, fail_on_gates: bool, no_report: bool, quiet: bool) -> None:
+    """Run the audit described by a TOML CONFIG into a run folder."""
+    from audit.config import load_config
+    from audit.runner import run_audit
+
+    spec = load_config(config)
+    out = out or Path("reports") / config.stem
+    run_dir = run_audit(spec, out, echo=click.echo, progress=not quiet, render=not no_report)
+    click.echo(f"run folder: {run_dir}")
+    if _report_gates(run_dir) and fail_on_gates:
+        sys.exit(EXIT_GATES_FAILED)
+
+
+def demo_config(manifest: Path, seed: int) -> dict[str, Any]:
+    """The demo audit: a model trained on train_biased against one trained on train_balanced."""
+    return {
+        "seed": seed,
+        "title": "Doctor/nurse bias audit (Grad-CAM paper's experiment, generated data)",
+        "data": {
+            "manifest": str(manifest.resolve()),
+            "protected_regions": ["hair", "face"],
+            "core_regions": ["stethoscope", "badge"],
+        },
+        "model": [
+            {"name": "biased", "arch": "small_cnn", "train_split": "train_biased", "epochs": 10},
+            {
+                "name": "unbiased",
+                "arch": "small_cnn",
+                "train_split": "train_balanced",
+                "epochs": 10,
+            },
+        ],
+        "explain": {"methods": ["gradcam", "guided_gradcam"], "samples_per_cell": 6},
+    }
+
+
+@main.command()
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("reports/demo"), help="Run folder."
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=Path("datasets/doctor_nurse"),
+    help="Data set folder (generated if missing).",
+)
+@click.option("--seed", type=int, default=0)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def demo(out: Path, data_dir: Path, seed: int, quiet: bool) -> None:
+    """Generate the doctor/nurse set if missing and audit a biased model against an unbiased one."""
+    from audit.config import from_dict
+    from audit.data.doctor_nurse import DoctorNurseSpec, generate
+    from audit.runner import run_audit
+
+    manifest = data_dir / "manifest.csv"
+    if not manifest.is_file():
+        click.echo(f"generating the doctor/nurse data set in {data_dir}")
+        generate(
+            DoctorNurseSpec(seed=0),
+            data_dir,
+            overwrite=data_dir.exists() and not any(data_dir.iterdir()),
+            progress=not quiet,
+        )
+    config = from_dict(demo_config(manifest, seed))
+    run_dir = run_audit(config, out, echo=click.echo, progress=not quiet)
+    click.echo(
+        f"run folder: {run_dir}\nreport: {run_dir / 'report.html'} and {run_dir / 'report.pdf'}"
+    )
+    _report_gates(run_dir)
+
+
+# -- check / report / explain -----------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def check(run_dir: Path) -> None:
+    """Re-apply the gates to a finished run: exit 0 if all pass, 1 if one fails, 2 on bad input."""
+    from audit.metrics.gates import evaluate_gates
+
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+        rows = evaluate_gates(metrics, config.get("gates", {}))
+    except FileNotFoundError as error:
+        raise BadInput(
+            f"{run_dir} is not a finished audit run: {Path(error.filename).name} is missing"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise BadInput(f"{run_dir}: unreadable run files: {error}") from None
+    failed = 0
+    for row in rows:
+        value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
+        status = "PASS" if row["passed"] else "FAIL"
+        click.echo(
+            f"{status} {row['model']}: {row['label']} = {value} (must be {row['op']} {row['threshold']})"
+        )
+        failed += not row["passed"]
+    if not rows:
+        click.echo("no gates configured")
+    sys.exit(EXIT_GATES_FAILED if failed else 0)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--no-pdf", is_flag=True, help="Only the HTML page.")
+@user_errors
+def report(run_dir: Path, no_pdf: bool) -> None:
+    """Render report.html and report.pdf again from a finished run, without recomputing."""
+    from audit.report.render import load_run, render_report
+
+    load_run(run_dir)
+    render_report(run_dir, pdf=not no_pdf, echo=click.echo)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Model checkpoint (state dict or TorchScript).",
+)
+@click.option("--arch", default="small_cnn", help="Architecture of the checkpoint.")
+@click.option("--classes", required=True, help="Comma-separated class names, in the model's order.")
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    default=["gradcam"],
+    help="Method(s): cam, gradcam, gradcam++, saliency, guided_backprop, guided_gradcam.",
+)
+@click.option("--layer", default=None, help="Layer name (default: the last conv feature map).")
+@click.option("--image-size", type=click.IntRange(8), default=64)
+@click.option(
+    "--trust",
+    is_flag=True,
+    help="Allow a pickled whole-model checkpoint (runs code from the file).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("reports/explain"),
+    help="Folder for the overlays.",
+)
+@user_errors
+def explain(
+    images: tuple[Path, ...],
+    checkpoint: Path,
+    arch: str,
+    classes: str,
+    methods: tuple[str, ...],
+    layer: str | None,
+    image_size: int,
+    trust: bool,
+    out: Path,
+) -> None:
+    """Explain the predictions of a model on image files; write overlay PNGs and a CSV."""
+    import pandas as pd
+    import torch
+
+    from audit.data.dataset import _resize_image, read_rgb
+    from audit.explain import METHODS, explain_many
+    from audit.models.io import load_model
+    from audit.models.zoo import default_layer
+    from audit.report.overlays import save_overlays
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    for method in methods:
+        if method not in METHODS:
+            raise BadInput(f"--method: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    model = load_model(checkpoint, arch, len(names), trust=trust)
+    batch = []
+    for path in images:
+        try:
+            batch.append(_resize_image(read_rgb(str(path)), image_size).float() / 255)
+        except RuntimeError as error:
+            raise BadInput(f"{path}: not a readable image: {str(error).splitlines()[0]}") from None
+    x = torch.stack(batch)
+    result = explain_many(model, x, methods, {"pred": None}, layer=layer or default_layer(arch))
+    save_overlays(
+        out, x, torch.arange(len(x)), result, torch.zeros(len(x), dtype=torch.bool).numpy(), {}
+    )
+    probs = result.probs
+    table = pd.DataFrame(
+        {
+            "image": [str(p) for p in images],
+            "prediction": [names[i] for i in result.predictions.tolist()],
+            "confidence": probs.max(1).values.numpy().round(6),
+            "overlay_index": [f"{i:05d}" for i in range(len(x))],
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "predictions.csv", index=False)
+    click.echo(table.to_string(index=False))
+    click.echo(f"overlays in {out}")

@@ -1,0 +1,229 @@
+"""The TOML audit spec, validated: every key has a documented default; unknown keys are errors.
+
+```toml
+seed = 0                      # seeds training, sampling and bootstrap
+bootstrap = 1000              # bootstrap resamples for 95% confidence intervals
+title = "Bias audit"          # report title
+[data]
+manifest = "datasets/doctor_nurse/manifest.csv"   # relative to this file
+image_size = 64               # images are resized to image_size x image_size
+eval_split = "test"           # the split audited
+val_split = "val"             # validation during training ("" for none)
+protected_regions = ["hair", "face"]   # regions tied to the protected attribute
+core_regions = ["stethoscope", "badge"]   # regions that should decide the class
+[[model]]                     # one table per model; two or more are compared
+name = "biased"
+arch = "small_cnn"            # the built-in GAP CNN, or any torchvision classifier name
+train_split = "train_biased"  # train on this split ...
+checkpoint = ""               # ... or load this file (state dict, or TorchScript)
+trust = false                 # allow a pickled whole model (runs code from the file!)
+layer = ""                    # explained layer; "" = the last conv feature map
+epochs = 10
+batch_size = 64
+lr = 0.003
+[explain]
+methods = ["gradcam", "guided_gradcam"]
+samples_per_cell = 8          # per class x group cell, besides every misclassified image
+batch_size = 128
+[gates]                       # pre-release checks; leave one out to skip it
+min_worst_group_accuracy = 0.85
+max_accuracy_gap = 0.05
+max_protected_attention = 0.30
+max_flip_rate = 0.10
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from audit.explain import METHODS
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the key."""
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "datasets/doctor_nurse/manifest.csv"
+    image_size: int = 64
+    eval_split: str = "test"
+    val_split: str = "val"
+    protected_regions: list[str] = field(default_factory=lambda: ["hair", "face"])
+    core_regions: list[str] = field(default_factory=lambda: ["stethoscope", "badge"])
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""
+    arch: str = "small_cnn"
+    train_split: str = ""
+    checkpoint: str = ""
+    trust: bool = False
+    layer: str = ""
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+
+
+@dataclass
+class ExplainConfig:
+    methods: list[str] = field(default_factory=lambda: ["gradcam", "guided_gradcam"])
+    samples_per_cell: int = 8
+    batch_size: int = 128
+
+
+@dataclass
+class GateConfig:
+    min_worst_group_accuracy: float | None = 0.85
+    max_accuracy_gap: float | None = 0.05
+    max_protected_attention: float | None = 0.30
+    max_flip_rate: float | None = 0.10
+
+
+@dataclass
+class AuditConfig:
+    seed: int = 0
+    bootstrap: int = 1000
+    title: str = "Bias audit"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: list[ModelConfig] = field(default_factory=list)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    base_dir: Path = field(default=Path("."), metadata={"internal": True})
+
+    @property
+    def manifest_path(self) -> Path:
+        return (self.base_dir / self.data.manifest).resolve()
+
+    def resolve(self, relative: str) -> Path:
+        return (self.base_dir / relative).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("base_dir")
+        data["gates"] = {k: v for k, v in data["gates"].items() if v is not None}
+        return data
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values = {}
+    for key, value in raw.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            )
+            raise ConfigError(f"unknown config key {name!r}{hint}")
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            values[key] = _build(hint_type, value, name)
+        elif typing.get_origin(hint_type) is list and dataclasses.is_dataclass(
+            typing.get_args(hint_type)[0]
+        ):
+            if not isinstance(value, list):
+                raise ConfigError(f"{name} must be an array of tables ([[{key}]])")
+            values[key] = [
+                _build(typing.get_args(hint_type)[0], v, f"{name}[{i}]")
+                for i, v in enumerate(value)
+            ]
+        else:
+            if not _type_ok(value, hint_type):
+                raise ConfigError(
+                    f"config key {name!r} must be {_describe(hint_type)}, got {value!r}"
+                )
+            values[key] = float(value) if hint_type is float else value
+    return cls(**values)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> AuditConfig:
+    """Build and check an AuditConfig from a parsed TOML document."""
+    config = _build(AuditConfig, raw, "")
+    config.base_dir = Path(base_dir)
+    check(config)
+    return config
+
+
+def load_config(path: str | Path) -> AuditConfig:
+    """Read and validate a TOML audit spec; paths inside are relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return from_dict(raw, path.parent)
+
+
+def check(config: AuditConfig) -> None:
+    """Cross-field rules that types alone cannot express."""
+    if not config.model:
+        raise ConfigError("no [[model]] table: an audit needs at least one model")
+    names = [m.name for m in config.model]
+    for i, model in enumerate(config.model):
+        if not model.name:
+            raise ConfigError(f"model[{i}].name is required")
+        if names.count(model.name) > 1:
+            raise ConfigError(f"model name {model.name!r} is used twice")
+        if not model.train_split and not model.checkpoint:
+            raise ConfigError(
+                f"model {model.name!r} needs train_split (to train it) or checkpoint (to load it)"
+            )
+        if model.train_split and model.checkpoint:
+            raise ConfigError(
+                f"model {model.name!r} has both train_split and checkpoint; choose one"
+            )
+        if model.epochs < 1 or model.batch_size < 1 or model.lr <= 0:
+            raise ConfigError(f"model {model.name!r}: epochs, batch_size and lr must be positive")
+    for method in config.explain.methods:
+        if method not in METHODS:
+            raise ConfigError(
+                f"explain.methods: unknown method {method!r}; choose from {', '.join(METHODS)}"
+            )
+    if "gradcam" not in config.explain.methods:
+        config.explain.methods.insert(0, "gradcam")  # attention metrics are measured on Grad-CAM
+    if config.explain.samples_per_cell < 0:
+        raise ConfigError("explain.samples_per_cell must be >= 0")
+    if config.data.image_size < 8:
+        raise ConfigError("data.image_size must be at least 8")
+    if config.bootstrap < 0:
+        raise ConfigError("bootstrap must be >= 0")
+    if not config.data.protected_regions:
+        raise ConfigError(
+            "data.protected_regions is empty: name the regions tied to the protected attribute"
+        )

@@ -1,0 +1,163 @@
+"""Speed of the attribution engine against one forward pass and the public libraries.
+
+Run: `.venv/bin/python benchmarks/bench_explain.py [--repeats N] [--quick]`. Methods are timed
+interleaved (round-robin) so that machine noise hits each alike; medians are printed, with
+images/second, the ratio to one inference forward (the floor), the ratio to each library, and the
+per-image Pearson correlation of each library's Grad-CAM with this engine's.
+Libraries (pytorch-grad-cam, captum, torchcam) are used when installed: `pip install -e '.[bench]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from audit.explain import explain, explain_many
+from audit.models.zoo import SmallCNN
+
+
+def _per_image_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.flatten(1).double()
+    b = b.flatten(1).double()
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
+    return float(corr.min())
+
+
+def library_runners(model, layer, x, targets) -> dict[str, Callable[[], torch.Tensor]]:  # noqa: ANN001
+    runners: dict[str, Callable[[], torch.Tensor]] = {}
+    size = x.shape[2:]
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        def pgc() -> torch.Tensor:
+            with GradCAM(model=model, target_layers=[layer]) as cam:
+                out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+            model.zero_grad(set_to_none=True)
+            return torch.from_numpy(out)
+
+        runners["pytorch-grad-cam GradCAM"] = pgc
+    except ImportError:
+        pass
+    try:
+        from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
+
+        def captum_gc() -> torch.Tensor:
+            attr = LayerGradCam(model, layer).attribute(x, target=targets, relu_attributions=True)
+            return LayerAttribution.interpolate(attr, size, "bilinear")[:, 0].detach()
+
+        def captum_ggc() -> torch.Tensor:
+            return GuidedGradCam(model, layer).attribute(x, target=targets).detach()
+
+        runners["captum LayerGradCam"] = captum_gc
+        runners["captum GuidedGradCam"] = captum_ggc
+    except ImportError:
+        pass
+    try:
+        from torchcam.methods import GradCAM as TorchcamGradCAM
+
+        def torchcam_gc() -> torch.Tensor:
+            with TorchcamGradCAM(model, target_layer=layer) as extractor:
+                scores = model(x)
+                maps = extractor(targets.tolist(), scores)[0]
+            return F.interpolate(maps[:, None], size=size, mode="bilinear")[:, 0].detach()
+
+        runners["torchcam GradCAM"] = torchcam_gc
+    except ImportError:
+        pass
+    return runners
+
+
+def bench(
+    name: str, model: torch.nn.Module, layer_name: str, x: torch.Tensor, repeats: int, gap: bool
+) -> None:
+    model.eval()
+    layer = dict(model.named_modules())[layer_name]
+    with torch.no_grad():
+        preds = model(x).argmax(1)
+    true = (preds + 1) % 2  # a second target set, as "true class" of misclassified images
+    bundle_methods = ["gradcam", "gradcam++"] + (["cam"] if gap else [])
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def forward_backward() -> None:
+        logits = model(x.clone().requires_grad_(True))
+        logits.gather(1, preds[:, None]).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    ours = {
+        "inference forward (floor)": forward,
+        "forward + full backward": forward_backward,
+        "audit gradcam": lambda: explain(model, x, "gradcam", layer=layer_name),
+        "audit guided_gradcam": lambda: explain(model, x, "guided_gradcam", layer=layer_name),
+        f"audit bundle ({'+'.join(bundle_methods)}) x (pred, true)": lambda: explain_many(
+            model, x, bundle_methods, {"pred": None, "true": true}, layer=layer_name
+        ),
+    }
+    libs = library_runners(model, layer, x, preds)
+    runs = {**ours, **libs}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    floor = median["inference forward (floor)"]
+    fb = median["forward + full backward"]
+    print(
+        f"\n## {name}: batch {x.shape[0]}, {x.shape[2]}x{x.shape[3]}, layer {layer_name}, {repeats} repeats, {torch.get_num_threads()} threads"
+    )
+    print("| what | median s | images/s | x floor | x fwd+bwd |")
+    print("|---|---:|---:|---:|---:|")
+    for key, value in median.items():
+        print(
+            f"| {key} | {value:.3f} | {x.shape[0] / value:.0f} | {value / floor:.2f} | {value / fb:.2f} |"
+        )
+    reference = explain(model, x, "gradcam", layer=layer_name, targets=preds)
+    ggc_ref = explain(model, x, "guided_gradcam", layer=layer_name, targets=preds)
+    for key, fn in libs.items():
+        ours_key = "audit guided_gradcam" if "Guided" in key else "audit gradcam"
+        other = fn()
+        corr = _per_image_correlation(
+            ggc_ref if "Guided" in key else reference, other.reshape(len(x), -1)
+        )
+        print(
+            f"- {key}: audit is {median[key] / median[ours_key]:.2f}x faster; lowest per-image correlation with audit's map: {corr:.4f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small CNN only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    small = SmallCNN(num_classes=2)
+    bench(
+        "small_cnn (the audit's GAP CNN)",
+        small,
+        "features",
+        torch.rand(64, 3, 64, 64),
+        args.repeats * 4,
+        gap=True,
+    )
+    if not args.quick:
+        resnet = torchvision.models.resnet18(num_classes=1000)
+        bench("resnet18", resnet, "layer4", torch.rand(32, 3, 224, 224), args.repeats, gap=True)
+
+
+if __name__ == "__main__":
+    main()
