@@ -35,7 +35,7 @@ from audit.metrics.gates import evaluate_gates, verdicts
 from audit.metrics.performance import performance
 from audit.models.io import load_model, save_checkpoint, sha256
 from audit.models.train import TrainConfig, predict_logits, train_model
-from audit.models.zoo import build_model, default_layer
+from audit.models.zoo import build_model, check_arch, default_layer
 from audit.report.overlays import save_overlays, save_pairs
 from audit.report.render import MAX_FLIPPED_SHOWN
 
@@ -149,6 +149,15 @@ class Auditor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # -- data -----------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Checks that need no data: fail before any work is done."""
+        for spec in self.config.model:
+            check_arch(spec.arch)
+            if spec.checkpoint and not self.config.resolve(spec.checkpoint).is_file():
+                raise AuditError(f"model {spec.name!r}: checkpoint not found: {self.config.resolve(spec.checkpoint)}")
+        if not self.config.manifest_path.is_file():
+            raise AuditError(f"data.manifest: manifest not found: {self.config.manifest_path}")
+
     def load_data(self) -> None:
         config = self.config
         self.manifest = read_manifest(config.manifest_path)
@@ -162,6 +171,12 @@ class Auditor:
         for model in config.model:
             if model.train_split:
                 self.manifest.split(model.train_split)
+        # Checkpoints are loaded now, so that a wrong one fails before any work is done.
+        self.loaded = {
+            spec.name: load_model(self.config.resolve(spec.checkpoint), spec.arch, len(self.classes), trust=spec.trust)
+            for spec in config.model
+            if spec.checkpoint
+        }
         size = config.data.image_size
         self.eval = load_samples(
             self.manifest, self.manifest.split(config.data.eval_split), self.classes, size
@@ -224,14 +239,13 @@ class Auditor:
         info: dict[str, Any] = {"arch": spec.arch}
         if spec.checkpoint:
             path = self.config.resolve(spec.checkpoint)
-            model = load_model(path, spec.arch, len(self.classes), trust=spec.trust)
+            model = self.loaded[spec.name]
             info |= {
                 "source": "loaded",
                 "checkpoint": spec.checkpoint,
                 "checkpoint_sha256": sha256(path),
             }
         else:
-            build_model(spec.arch, len(self.classes))  # fail early on an unknown arch
             torch.manual_seed(self.config.seed)
             model = build_model(spec.arch, len(self.classes))
             train = load_samples(
@@ -283,7 +297,7 @@ class Auditor:
     # -- explanations ----------------------------------------------------------------------
     def explain_all(
         self, name: str, model: torch.nn.Module, layer: str | None, gallery: np.ndarray
-    ) -> tuple[torch.Tensor, dict[str, dict[str, np.ndarray]], np.ndarray]:
+    ) -> tuple[torch.Tensor, dict[str, np.ndarray], np.ndarray]:
         """Grad-CAM (pred) for every eval image and every method (pred and, if wrong, true) for the
         gallery and misclassified images. Returns logits, per-sample attention columns, explained mask."""
         config, samples = self.config, self.eval
@@ -303,6 +317,8 @@ class Auditor:
         bar.close()
         logits = torch.cat(logits_parts)
         gradcam = torch.cat(gradcam_parts)
+        # Total Grad-CAM mass per image: 0 means the map is empty and every share is undefined.
+        columns["gradcam_mass"] = gradcam.flatten(1).sum(dim=1).numpy().astype(np.float64)
         self._add_attention(columns, "gradcam", gradcam, np.arange(n), n)
         predictions = logits.argmax(1)
         wrong = (predictions != samples.labels).numpy()
@@ -429,6 +445,7 @@ class Auditor:
                 "explained": explained,
             }
         )
+        table["gradcam_mass"] = np.round(columns.pop("gradcam_mass"), 6)
         for key in sorted(
             columns, key=lambda k: (k.split(":")[1], k.split(":")[2], k.split(":")[0])
         ):
@@ -585,6 +602,7 @@ def run_audit(
     try:
         torch.manual_seed(config.seed)
         auditor = Auditor(config, work, log, progress)
+        auditor.preflight()
         auditor.load_data()
         n = len(auditor.eval)
         weights = resample_weights(n, config.bootstrap, config.seed)

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from audit.data.manifest import Manifest, parse_box
 
 
+def read_image(path: str, mode: str = "RGB") -> Tensor:
+    """An image file as a (C, H, W) uint8 tensor; mode "RGB" expands greyscale, "L" reads one channel."""
+    with Image.open(path) as image:
+        array = np.asarray(image.convert(mode))
+    return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+
+
 def read_rgb(path: str) -> Tensor:
     """An image file as a (3, H, W) uint8 tensor (greyscale expanded to RGB)."""
-    return decode_image(path, mode=ImageReadMode.RGB)
+    return read_image(path, "RGB")
 
 
 def _resize_image(image: Tensor, size: int) -> Tensor:
@@ -92,9 +100,7 @@ def load_samples(
         for region in regions:
             mask = None
             if row.get(f"mask:{region}"):
-                full = decode_image(
-                    str(manifest.resolve(row[f"mask:{region}"])), mode=ImageReadMode.GRAY
-                )
+                full = read_image(str(manifest.resolve(row[f"mask:{region}"])), "L")
                 mask = (
                     TF.resize(full, [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] > 0
                 )

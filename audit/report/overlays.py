@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.io import encode_png
+from PIL import Image
 
 from audit.explain import CAM_METHODS, Explanation, cam_boxes, normalize_maps
 
@@ -77,7 +77,7 @@ def _write(images: Tensor, paths: list[Path]) -> None:
     data = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     for image, path in zip(data, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_png(image, compression_level=9).numpy().tobytes())
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, compress_level=6)
 
 
 def save_overlays(

@@ -1,0 +1,222 @@
+"""The doctor/nurse generator and the manifest loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from audit.data.dataset import load_samples
+from audit.data.doctor_nurse import DoctorNurseSpec, generate, split_plan
+from audit.data.draw import PROTECTED_PARTS, render, sample_params
+from audit.data.manifest import ManifestError, read_manifest, validate
+from tests.conftest import SMALL
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_split_proportions_match_the_request(small_dataset):
+    table = pd.read_csv(small_dataset, keep_default_na=False)
+    counts = table.groupby(["split", "label", "group"]).size()
+    for split, cells in split_plan(SMALL).items():
+        for (label, group), expected in cells.items():
+            assert counts.get((split, label, group), 0) == expected
+    biased = table[table["split"] == "train_biased"]
+    doctors = biased[biased["label"] == "doctor"]
+    nurses = biased[biased["label"] == "nurse"]
+    assert abs((doctors["group"] == "male").mean() - 0.78) <= 0.5 / len(doctors)
+    assert abs((nurses["group"] == "female").mean() - 0.93) <= 0.5 / len(nurses)
+    for split in ("train_balanced", "val", "test"):
+        rows = table[table["split"] == split]
+        assert rows.groupby(["label", "group"]).size().nunique() == 1  # balanced over the 4 cells
+
+
+def test_custom_bias_is_respected():
+    plan = split_plan(DoctorNurseSpec(n_train=1000, doctor_male=0.9, nurse_female=0.6))
+    assert plan["train_biased"]["doctor", "male"] == 450
+    assert plan["train_biased"]["nurse", "female"] == 300
+
+
+def test_masks_are_non_empty_and_inside_the_person_box(small_dataset):
+    table = pd.read_csv(small_dataset, keep_default_na=False)
+    root = small_dataset.parent
+    for row in table.sample(60, random_state=0).to_dict("records"):
+        x0, y0, x1, y1 = (int(v) for v in row["box:person"].split())
+        job = "stethoscope" if row["label"] == "doctor" else "badge"
+        assert row[f"mask:{job}"] and not row[f"mask:{'badge' if job == 'stethoscope' else 'stethoscope'}"]
+        for column in ("mask:hair", "mask:face", "mask:clothes", f"mask:{job}"):
+            mask = np.asarray(Image.open(root / row[column])) > 0
+            assert mask.any(), (row["image"], column)
+            ys, xs = np.nonzero(mask)
+            assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
+
+
+def test_twins_differ_only_inside_the_protected_regions():
+    for seed in range(40):
+        params = sample_params(np.random.default_rng(seed), 64)
+        for label in ("doctor", "nurse"):
+            a, masks_a = render(params, label, "male")
+            b, masks_b = render(params, label, "female")
+            diff = (np.asarray(a) != np.asarray(b)).any(axis=2)
+            protected = np.zeros_like(diff)
+            for part in PROTECTED_PARTS:
+                protected |= masks_a[part] | masks_b[part]
+            assert diff.any()
+            assert not (diff & ~protected).any(), (seed, label)
+
+
+def test_every_test_image_has_a_twin_file_with_the_other_group(small_dataset):
+    table = pd.read_csv(small_dataset, keep_default_na=False)
+    test = table[table["split"] == "test"]
+    assert (test["twin"] != "").all()
+    assert (table[table["split"] != "test"]["twin"] == "").all()
+    root = small_dataset.parent
+    for row in test.head(10).to_dict("records"):
+        original = np.asarray(Image.open(root / row["image"]))
+        twin = np.asarray(Image.open(root / row["twin"]))
+        hair_face = np.zeros(original.shape[:2], bool)
+        for part in ("hair", "face"):
+            hair_face |= np.asarray(Image.open(root / row[f"mask:{part}"])) > 0
+        changed = (original != twin).any(axis=2)
+        assert changed.any()
+        # Outside the original's protected regions a change can only come from the twin's longer
+        # (or shorter) hair, which lies in the upper body; the lower image is identical.
+        assert not changed[48:][~hair_face[48:]].any()
+
+
+def test_same_seed_gives_identical_files_and_another_seed_other_people(tmp_path):
+    spec = DoctorNurseSpec(seed=11, n_train=20, n_val=8, n_test=8)
+    first = generate(spec, tmp_path / "a", progress=False)
+    second = generate(spec, tmp_path / "b", progress=False, workers=1)
+    assert first.read_bytes() == second.read_bytes()
+    assert _hashes(first.parent) == _hashes(second.parent)
+    other = generate(DoctorNurseSpec(seed=12, n_train=20, n_val=8, n_test=8), tmp_path / "c", progress=False)
+    a = _hashes(first.parent)
+    c = _hashes(other.parent)
+    images = [k for k in a if k.startswith("images/")]
+    assert sum(a[k] != c.get(k) for k in images) == len(images)
+
+
+def test_generation_refuses_to_overwrite_and_leaves_no_partial_folder(tmp_path):
+    spec = DoctorNurseSpec(n_train=8, n_val=4, n_test=4)
+    generate(spec, tmp_path / "d", progress=False)
+    with pytest.raises(FileExistsError):
+        generate(spec, tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="doctor_male"):
+        generate(DoctorNurseSpec(doctor_male=1.5), tmp_path / "e", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_the_data_set_carries_the_shortcut(demo_run):
+    """The demo trains the same CNN on train_biased and on train_balanced (same recipe)."""
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    biased = metrics["models"]["biased"]["performance"]["per_cell"]
+    balanced = metrics["models"]["unbiased"]["performance"]["per_cell"]
+    minority = ("doctor / female", "nurse / male")
+    majority = ("doctor / male", "nurse / female")
+    for cell in minority:
+        assert biased[cell]["value"] < min(biased[m]["value"] for m in majority) - 0.15, cell
+        assert biased[cell]["ci_high"] < balanced[cell]["ci_low"], cell
+    for cell in minority + majority:
+        assert balanced[cell]["value"] >= 0.85, cell
+
+
+# -- the manifest loader ----------------------------------------------------------------------
+
+
+def _image(path: Path, size=(40, 20), colour=(200, 10, 10)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path.name
+
+
+def _mask(path: Path, size=(40, 20), box=(10, 4, 20, 8)) -> None:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    mask.save(path)
+
+
+@pytest.fixture
+def valid_manifest(tmp_path: Path) -> Path:
+    for name in ("a", "b"):
+        _image(tmp_path / f"{name}.png")
+        _mask(tmp_path / f"{name}_hair.png")
+    Image.new("L", (40, 20), 120).save(tmp_path / "grey.png")  # greyscale image
+    rows = [
+        {"image": "a.png", "label": "cat", "group": "x", "split": "test", "mask:hair": "a_hair.png", "box:face": "10 4 20 8", "twin": "b.png", "note": "kept"},
+        {"image": "b.png", "label": "dog", "group": "", "split": "test", "mask:hair": "b_hair.png", "box:face": "", "twin": "", "note": ""},
+        {"image": "grey.png", "label": "dog", "group": "y", "split": "train", "mask:hair": "", "box:face": "0 0 40 20", "twin": "", "note": ""},
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    return tmp_path / "manifest.csv"
+
+
+def test_valid_manifest_loads_with_masks_and_boxes_scaled(valid_manifest):
+    before = _hashes(valid_manifest.parent)
+    manifest = read_manifest(valid_manifest)
+    assert manifest.regions == ["face", "hair"]
+    assert manifest.extra_columns == ["note"]
+    samples = load_samples(manifest, manifest.split("test"), ["cat", "dog"], 20)
+    assert samples.images.shape == (2, 3, 20, 20)
+    # 40x20 -> 20x20: x is halved, y kept; the box "10 4 20 8" becomes x 5..10, y 4..8.
+    assert samples.region_boxes["face"][0].tolist() == [5, 4, 10, 8]
+    assert samples.region_boxes["hair"][0].tolist() == [5, 4, 10, 8]
+    assert int(samples.regions["face"][0].sum()) == 5 * 4
+    assert int(samples.regions["hair"][0].sum()) == 5 * 4
+    assert samples.region_present["face"].tolist() == [True, False]
+    assert samples.twin_present.tolist() == [True, False]
+    grey = load_samples(manifest, manifest.split("train"), ["cat", "dog"], 20)
+    assert grey.images.shape == (1, 3, 20, 20)
+    assert _hashes(valid_manifest.parent) == before  # nothing modified
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t, root: t.loc.__setitem__((0, "image"), "missing.png"), "line 2, image: file not found: missing.png"),
+        (lambda t, root: [(root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"), t.loc.__setitem__((0, "image"), "bad.png")], "line 2, image: unreadable or truncated image bad.png"),
+        (lambda t, root: [(root / "cut.png").write_bytes((root / "a.png").read_bytes()[:60]), t.loc.__setitem__((1, "image"), "cut.png")], "line 3, image: unreadable or truncated image cut.png"),
+        (lambda t, root: [_mask(root / "small.png", size=(10, 10)), t.loc.__setitem__((0, "mask:hair"), "small.png")], "line 2, mask:hair: small.png is 10x10 but the image is 40x20"),
+        (lambda t, root: t.loc.__setitem__((0, "box:face"), "30 4 50 8"), "line 2, box:face: box '30 4 50 8' lies outside the 40x20 image"),
+        (lambda t, root: t.loc.__setitem__((0, "box:face"), "20 4 10 8"), "line 2, box:face: box '20 4 10 8' has x1<=x0"),
+        (lambda t, root: t.loc.__setitem__((0, "box:face"), "1 2 3"), "line 2, box:face: '1 2 3' must be four numbers"),
+        (lambda t, root: setattr(t, "columns", ["mask_hair" if c == "note" else c for c in t.columns]), "column 'mask_hair' is not a known column; did you mean 'mask:hair'?"),
+        (lambda t, root: setattr(t, "columns", ["msk:face" if c == "note" else c for c in t.columns]), "did you mean 'mask:face'?"),
+        (lambda t, root: t.loc.__setitem__((1, "label"), ""), "line 3, label: empty label"),
+        (lambda t, root: t.loc.__setitem__((0, "image"), "../outside.png"), "line 2, image: '../outside.png' leaves the manifest's folder"),
+        (lambda t, root: t.loc.__setitem__((0, "mask:hair"), "/etc/passwd"), "line 2, mask:hair: '/etc/passwd' is an absolute path"),
+        (lambda t, root: t.loc.__setitem__((0, "twin"), "sub/../../x.png"), "leaves the manifest's folder"),
+        (lambda t, root: t.loc.__setitem__(2, t.loc[1].tolist()), "line 4: duplicate of an earlier row"),
+    ],
+)
+def test_broken_manifests_name_the_row_and_the_problem(valid_manifest, edit, expected):
+    table = pd.read_csv(valid_manifest, dtype=str, keep_default_na=False)
+    edit(table, valid_manifest.parent)
+    table.to_csv(valid_manifest, index=False)
+    problems = validate(valid_manifest)
+    assert any(expected in p for p in problems), problems
+    with pytest.raises(ManifestError, match="problem"):
+        read_manifest(valid_manifest)
+
+
+def test_all_problems_are_reported_at_once(valid_manifest):
+    table = pd.read_csv(valid_manifest, dtype=str, keep_default_na=False)
+    table.loc[0, "image"] = "nope.png"
+    table.loc[1, "label"] = ""
+    table.loc[2, "box:face"] = "5 5 1 1"
+    table.to_csv(valid_manifest, index=False)
+    problems = validate(valid_manifest)
+    assert [p.split(",")[0] for p in problems] == ["line 2", "line 3", "line 4"]
+
+
+def test_unreadable_or_missing_manifest(tmp_path):
+    assert validate(tmp_path / "none.csv") == [f"manifest not found: {tmp_path / 'none.csv'}"]
+    (tmp_path / "m.csv").write_text("label\ncat\n")
+    assert validate(tmp_path / "m.csv") == ["missing required column 'image'"]

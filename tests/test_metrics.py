@@ -1,0 +1,121 @@
+"""Attention, bootstrap, fairness and gate metrics against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
+
+from audit.metrics.attention import box_iou, mass_share, pointing_hit, region_attention
+from audit.metrics.bootstrap import point_means, resample_weights, weighted_means
+from audit.metrics.counterfactual import fill_regions_with_mean
+from audit.metrics.gates import evaluate_gates, verdicts
+from audit.metrics.performance import fairness_differences, performance
+
+
+def test_mass_share_and_pointing_game_by_hand():
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 0, 0] = 3.0  # 3 of 4 units inside the region, max inside
+    maps[0, 3, 3] = 1.0
+    maps[1, 0, 1] = 1.0  # 1 of 3 inside, max outside
+    maps[1, 2, 2] = 2.0
+    mask = torch.zeros(3, 4, 4, dtype=torch.bool)
+    mask[:, :2, :2] = True
+    share = mass_share(maps, mask)
+    assert share[0] == pytest.approx(0.75)
+    assert share[1] == pytest.approx(1 / 3)
+    assert math.isnan(share[2])  # an all-zero map has no mass to share
+    hit = pointing_hit(maps, mask)
+    assert hit[:2].tolist() == [1.0, 0.0]
+    assert math.isnan(hit[2])
+
+
+def test_box_iou_by_hand():
+    a = torch.tensor([[0, 0, 4, 4], [0, 0, 2, 2], [-1, -1, -1, -1]])
+    b = torch.tensor([[2, 2, 6, 6], [0, 0, 2, 2], [0, 0, 1, 1]])
+    iou = box_iou(a, b)
+    assert iou[0] == pytest.approx(4 / 28)
+    assert iou[1] == pytest.approx(1.0)
+    assert math.isnan(iou[2])
+
+
+def test_region_attention_marks_missing_regions_nan():
+    maps = torch.zeros(2, 8, 8)
+    maps[:, 1:3, 1:3] = 1.0  # a 2x2 blob
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, 1:3, 1:4] = True
+    present = torch.tensor([True, False])
+    boxes = torch.tensor([[1, 1, 4, 3], [-1, -1, -1, -1]])
+    out = region_attention(maps, {"r": masks}, {"r": present}, {"r": boxes})["r"]
+    assert out["share"][0] == 1.0 and out["hit"][0] == 1.0
+    assert out["iou"][0] == pytest.approx(4 / 6)  # CAM box 1..3 x 1..3 against 1..4 x 1..3
+    assert all(math.isnan(float(out[k][1])) for k in ("share", "hit", "iou"))
+
+
+def test_fill_regions_with_mean():
+    images = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    masks = torch.tensor([[[True, False], [False, False]], [[False, False], [False, False]]])
+    out = fill_regions_with_mean(images, masks)
+    assert out[0, :, 0, 0].tolist() == images[0].mean(dim=(1, 2)).tolist()
+    assert torch.equal(out[0, :, 1, 1], images[0, :, 1, 1])
+    assert torch.equal(out[1], images[1])
+
+
+def test_weighted_means_equal_explicit_resampling():
+    rng = np.random.default_rng(0)
+    values = rng.random(30)
+    values[3] = np.nan  # ignored
+    members = np.stack([np.arange(30) % 2 == 0, np.ones(30, bool)]).astype(float)
+    weights = resample_weights(30, 5, seed=1)
+    got = weighted_means(values, members, weights)
+    for b in range(5):
+        drawn = np.repeat(np.arange(30), weights[b].astype(int))
+        for g in range(2):
+            chosen = [i for i in drawn if members[g, i] and np.isfinite(values[i])]
+            assert got[b, g] == pytest.approx(np.mean(values[chosen]))
+    assert point_means(values, members)[1] == pytest.approx(np.nanmean(values))
+
+
+def test_fairness_differences_agree_with_fairlearn():
+    rng = np.random.default_rng(2)
+    classes = ["doctor", "nurse"]
+    y_true = rng.choice(classes, 400)
+    y_pred = np.where(rng.random(400) < 0.8, y_true, rng.choice(classes, 400))
+    groups = rng.choice(["female", "male", "other"], 400)
+    dp, eo = fairness_differences(y_true, y_pred, groups, classes, np.ones((1, 400)))
+    assert dp[0] == pytest.approx(demographic_parity_difference(y_true == "doctor", y_pred == "doctor", sensitive_features=groups))
+    assert eo[0] == pytest.approx(equalized_odds_difference(y_true == "doctor", y_pred == "doctor", sensitive_features=groups))
+    result = performance(y_true, y_pred, groups, classes, resample_weights(400, 100, 0))
+    frame = MetricFrame(metrics=lambda t, p: np.mean(t == p), y_true=y_true, y_pred=y_pred, sensitive_features=groups)
+    for group, value in frame.by_group.items():
+        assert result["per_group"][group]["value"] == pytest.approx(value)
+    assert result["accuracy_gap"]["value"] == pytest.approx(frame.difference())
+    cells = {(c, g): np.mean((y_true == y_pred)[(y_true == c) & (groups == g)]) for c in classes for g in ("female", "male", "other")}
+    assert result["worst_group_accuracy"]["value"] == pytest.approx(min(cells.values()))
+    low, high = result["accuracy"]["ci_low"], result["accuracy"]["ci_high"]
+    assert low < result["accuracy"]["value"] < high
+    assert sum(map(sum, result["confusion_matrix"]["counts"])) == 400
+
+
+def test_gates_pass_fail_and_unmeasurable():
+    metrics = {
+        "models": {
+            "good": {"performance": {"worst_group_accuracy": {"value": 0.9}, "accuracy_gap": {"value": 0.01}}, "counterfactual": {"flip_rate": {"value": 0.0}}},
+            "bad": {"performance": {"worst_group_accuracy": {"value": 0.5}, "accuracy_gap": {"value": 0.2}}, "counterfactual": {"flip_rate": {"value": 0.3}}},
+        }
+    }
+    rows = evaluate_gates(metrics, {"min_worst_group_accuracy": 0.85, "max_flip_rate": 0.1, "max_accuracy_gap": None})
+    assert [(r["model"], r["gate"], r["passed"]) for r in rows] == [
+        ("good", "min_worst_group_accuracy", True),
+        ("good", "max_flip_rate", True),
+        ("bad", "min_worst_group_accuracy", False),
+        ("bad", "max_flip_rate", False),
+    ]
+    assert verdicts(rows, ["good", "bad"]) == {"good": "pass", "bad": "fail"}
+    unmeasured = evaluate_gates(metrics, {"max_protected_attention": 0.3})
+    assert not any(r["passed"] for r in unmeasured)  # a check that cannot be made does not pass
+    with pytest.raises(ValueError, match="unknown gate"):
+        evaluate_gates(metrics, {"max_everything": 1.0})
