@@ -30,8 +30,9 @@ def user_errors(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from audit.config import ConfigError
-        from audit.data.manifest import ManifestError
+        from audit.data.manifest import EmptySplitError, ManifestError
         from audit.models.io import CheckpointError
+        from audit.models.zoo import ArchError
         from audit.report.render import ReportError
         from audit.runner import AuditError
 
@@ -40,13 +41,13 @@ def user_errors(func: Callable) -> Callable:
         except (
             ConfigError,
             ManifestError,
+            EmptySplitError,
             CheckpointError,
             ReportError,
             AuditError,
+            ArchError,
             FileExistsError,
         ) as error:
-            raise BadInput(" ".join(str(error).split())) from None
-        except ValueError as error:  # e.g. an unknown arch or layer, raised with a clear message
             raise BadInput(" ".join(str(error).split())) from None
 
     return wrapper

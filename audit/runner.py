@@ -7,6 +7,7 @@ looks complete.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import platform
@@ -81,6 +82,14 @@ def _check_regions(config: AuditConfig, manifest: Manifest) -> None:
                 )
 
 
+def _check_layer(name: str, arch: str, model: torch.nn.Module, layer: str | None) -> None:
+    modules = [n for n, _ in model.named_modules() if n]
+    if layer is not None and layer not in modules:
+        close = difflib.get_close_matches(layer, modules, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise AuditError(f"model {name!r}: unknown layer {layer!r} in {arch}{hint}")
+
+
 def _cells(samples: SampleSet) -> list[tuple[str, str]]:
     rows = samples.rows
     return sorted(
@@ -153,8 +162,12 @@ class Auditor:
         """Checks that need no data: fail before any work is done."""
         for spec in self.config.model:
             check_arch(spec.arch)
+            if spec.layer:
+                _check_layer(spec.name, spec.arch, build_model(spec.arch, 2), spec.layer)
             if spec.checkpoint and not self.config.resolve(spec.checkpoint).is_file():
-                raise AuditError(f"model {spec.name!r}: checkpoint not found: {self.config.resolve(spec.checkpoint)}")
+                raise AuditError(
+                    f"model {spec.name!r}: checkpoint not found: {self.config.resolve(spec.checkpoint)}"
+                )
         if not self.config.manifest_path.is_file():
             raise AuditError(f"data.manifest: manifest not found: {self.config.manifest_path}")
 
@@ -173,7 +186,9 @@ class Auditor:
                 self.manifest.split(model.train_split)
         # Checkpoints are loaded now, so that a wrong one fails before any work is done.
         self.loaded = {
-            spec.name: load_model(self.config.resolve(spec.checkpoint), spec.arch, len(self.classes), trust=spec.trust)
+            spec.name: load_model(
+                self.config.resolve(spec.checkpoint), spec.arch, len(self.classes), trust=spec.trust
+            )
             for spec in config.model
             if spec.checkpoint
         }
@@ -410,6 +425,7 @@ class Auditor:
             raise AuditError(
                 f"model {spec.name!r}: a TorchScript model needs layer = ... in its config"
             )
+        _check_layer(spec.name, spec.arch, model, layer)
         logits, columns, explained = self.explain_all(spec.name, model, layer, gallery)
         samples = self.eval
         probs = logits.softmax(1)
@@ -462,12 +478,9 @@ class Auditor:
                     key = f"{measure}:{method}:{region}"
                     if key in columns:
                         values[f"{region}|{measure}"] = columns[key]
-            if values:
-                explained_rows = (
-                    np.isfinite(next(iter(values.values())))
-                    if method != "gradcam"
-                    else np.ones(len(rows), bool)
-                )
+            # Grad-CAM covers every evaluated image; other methods the explained ones.
+            explained_rows = explained if method != "gradcam" else np.ones(len(rows), bool)
+            if values and explained_rows.any():
                 sub = rows[explained_rows].reset_index(drop=True)
                 sub_weights = (
                     resample_weights(len(sub), len(weights), self.config.seed + 1)

@@ -23,7 +23,9 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`audit demo` exactly as a user runs it: default data set, both models, report and PDF."""
     root = tmp_path_factory.mktemp("demo")
-    result = CliRunner().invoke(main, ["demo", "--out", str(root / "run"), "--data", str(root / "data"), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["demo", "--out", str(root / "run"), "--data", str(root / "data"), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     return root / "run"
 
@@ -60,7 +62,12 @@ def _value(value: object) -> str:
 
 def to_toml(spec: dict) -> str:
     """A minimal TOML writer for the config shapes used in tests."""
-    lines = [f"{k} = {_value(v)}" for k, v in spec.items() if not isinstance(v, (dict, list)) or (isinstance(v, list) and not (v and isinstance(v[0], dict)))]
+    lines = [
+        f"{k} = {_value(v)}"
+        for k, v in spec.items()
+        if not isinstance(v, (dict, list))
+        or (isinstance(v, list) and not (v and isinstance(v[0], dict)))
+    ]
     for key, value in spec.items():
         if isinstance(value, dict):
             lines.append(f"[{key}]")

@@ -19,7 +19,11 @@ from tests.conftest import SMALL
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_split_proportions_match_the_request(small_dataset):
@@ -50,7 +54,10 @@ def test_masks_are_non_empty_and_inside_the_person_box(small_dataset):
     for row in table.sample(60, random_state=0).to_dict("records"):
         x0, y0, x1, y1 = (int(v) for v in row["box:person"].split())
         job = "stethoscope" if row["label"] == "doctor" else "badge"
-        assert row[f"mask:{job}"] and not row[f"mask:{'badge' if job == 'stethoscope' else 'stethoscope'}"]
+        assert (
+            row[f"mask:{job}"]
+            and not row[f"mask:{'badge' if job == 'stethoscope' else 'stethoscope'}"]
+        )
         for column in ("mask:hair", "mask:face", "mask:clothes", f"mask:{job}"):
             mask = np.asarray(Image.open(root / row[column])) > 0
             assert mask.any(), (row["image"], column)
@@ -97,7 +104,9 @@ def test_same_seed_gives_identical_files_and_another_seed_other_people(tmp_path)
     second = generate(spec, tmp_path / "b", progress=False, workers=1)
     assert first.read_bytes() == second.read_bytes()
     assert _hashes(first.parent) == _hashes(second.parent)
-    other = generate(DoctorNurseSpec(seed=12, n_train=20, n_val=8, n_test=8), tmp_path / "c", progress=False)
+    other = generate(
+        DoctorNurseSpec(seed=12, n_train=20, n_val=8, n_test=8), tmp_path / "c", progress=False
+    )
     a = _hashes(first.parent)
     c = _hashes(other.parent)
     images = [k for k in a if k.startswith("images/")]
@@ -137,6 +146,11 @@ def _image(path: Path, size=(40, 20), colour=(200, 10, 10)) -> str:
     return path.name
 
 
+def _noise(path: Path, size=(40, 20)) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
 def _mask(path: Path, size=(40, 20), box=(10, 4, 20, 8)) -> None:
     mask = Image.new("L", size, 0)
     mask.paste(255, box)
@@ -150,9 +164,36 @@ def valid_manifest(tmp_path: Path) -> Path:
         _mask(tmp_path / f"{name}_hair.png")
     Image.new("L", (40, 20), 120).save(tmp_path / "grey.png")  # greyscale image
     rows = [
-        {"image": "a.png", "label": "cat", "group": "x", "split": "test", "mask:hair": "a_hair.png", "box:face": "10 4 20 8", "twin": "b.png", "note": "kept"},
-        {"image": "b.png", "label": "dog", "group": "", "split": "test", "mask:hair": "b_hair.png", "box:face": "", "twin": "", "note": ""},
-        {"image": "grey.png", "label": "dog", "group": "y", "split": "train", "mask:hair": "", "box:face": "0 0 40 20", "twin": "", "note": ""},
+        {
+            "image": "a.png",
+            "label": "cat",
+            "group": "x",
+            "split": "test",
+            "mask:hair": "a_hair.png",
+            "box:face": "10 4 20 8",
+            "twin": "b.png",
+            "note": "kept",
+        },
+        {
+            "image": "b.png",
+            "label": "dog",
+            "group": "",
+            "split": "test",
+            "mask:hair": "b_hair.png",
+            "box:face": "",
+            "twin": "",
+            "note": "",
+        },
+        {
+            "image": "grey.png",
+            "label": "dog",
+            "group": "y",
+            "split": "train",
+            "mask:hair": "",
+            "box:face": "0 0 40 20",
+            "twin": "",
+            "note": "",
+        },
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     return tmp_path / "manifest.csv"
@@ -180,20 +221,72 @@ def test_valid_manifest_loads_with_masks_and_boxes_scaled(valid_manifest):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda t, root: t.loc.__setitem__((0, "image"), "missing.png"), "line 2, image: file not found: missing.png"),
-        (lambda t, root: [(root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"), t.loc.__setitem__((0, "image"), "bad.png")], "line 2, image: unreadable or truncated image bad.png"),
-        (lambda t, root: [(root / "cut.png").write_bytes((root / "a.png").read_bytes()[:60]), t.loc.__setitem__((1, "image"), "cut.png")], "line 3, image: unreadable or truncated image cut.png"),
-        (lambda t, root: [_mask(root / "small.png", size=(10, 10)), t.loc.__setitem__((0, "mask:hair"), "small.png")], "line 2, mask:hair: small.png is 10x10 but the image is 40x20"),
-        (lambda t, root: t.loc.__setitem__((0, "box:face"), "30 4 50 8"), "line 2, box:face: box '30 4 50 8' lies outside the 40x20 image"),
-        (lambda t, root: t.loc.__setitem__((0, "box:face"), "20 4 10 8"), "line 2, box:face: box '20 4 10 8' has x1<=x0"),
-        (lambda t, root: t.loc.__setitem__((0, "box:face"), "1 2 3"), "line 2, box:face: '1 2 3' must be four numbers"),
-        (lambda t, root: setattr(t, "columns", ["mask_hair" if c == "note" else c for c in t.columns]), "column 'mask_hair' is not a known column; did you mean 'mask:hair'?"),
-        (lambda t, root: setattr(t, "columns", ["msk:face" if c == "note" else c for c in t.columns]), "did you mean 'mask:face'?"),
+        (
+            lambda t, root: t.loc.__setitem__((0, "image"), "missing.png"),
+            "line 2, image: file not found: missing.png",
+        ),
+        (
+            lambda t, root: [
+                (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"),
+                t.loc.__setitem__((0, "image"), "bad.png"),
+            ],
+            "line 2, image: unreadable or truncated image bad.png",
+        ),
+        (
+            lambda t, root: [
+                (root / "cut.png").write_bytes((root / "a.png").read_bytes()[:60]),
+                t.loc.__setitem__((1, "image"), "cut.png"),
+            ],
+            "line 3, image: unreadable or truncated image cut.png",
+        ),
+        (
+            lambda t, root: [
+                _mask(root / "small.png", size=(10, 10)),
+                t.loc.__setitem__((0, "mask:hair"), "small.png"),
+            ],
+            "line 2, mask:hair: small.png is 10x10 but the image is 40x20",
+        ),
+        (
+            lambda t, root: t.loc.__setitem__((0, "box:face"), "30 4 50 8"),
+            "line 2, box:face: box '30 4 50 8' lies outside the 40x20 image",
+        ),
+        (
+            lambda t, root: t.loc.__setitem__((0, "box:face"), "20 4 10 8"),
+            "line 2, box:face: box '20 4 10 8' has x1<=x0",
+        ),
+        (
+            lambda t, root: t.loc.__setitem__((0, "box:face"), "1 2 3"),
+            "line 2, box:face: '1 2 3' must be four numbers",
+        ),
+        (
+            lambda t, root: setattr(
+                t, "columns", ["mask_hair" if c == "note" else c for c in t.columns]
+            ),
+            "column 'mask_hair' is not a known column; did you mean 'mask:hair'?",
+        ),
+        (
+            lambda t, root: setattr(
+                t, "columns", ["msk:face" if c == "note" else c for c in t.columns]
+            ),
+            "did you mean 'mask:face'?",
+        ),
         (lambda t, root: t.loc.__setitem__((1, "label"), ""), "line 3, label: empty label"),
-        (lambda t, root: t.loc.__setitem__((0, "image"), "../outside.png"), "line 2, image: '../outside.png' leaves the manifest's folder"),
-        (lambda t, root: t.loc.__setitem__((0, "mask:hair"), "/etc/passwd"), "line 2, mask:hair: '/etc/passwd' is an absolute path"),
-        (lambda t, root: t.loc.__setitem__((0, "twin"), "sub/../../x.png"), "leaves the manifest's folder"),
-        (lambda t, root: t.loc.__setitem__(2, t.loc[1].tolist()), "line 4: duplicate of an earlier row"),
+        (
+            lambda t, root: t.loc.__setitem__((0, "image"), "../outside.png"),
+            "line 2, image: '../outside.png' leaves the manifest's folder",
+        ),
+        (
+            lambda t, root: t.loc.__setitem__((0, "mask:hair"), "/etc/passwd"),
+            "line 2, mask:hair: '/etc/passwd' is an absolute path",
+        ),
+        (
+            lambda t, root: t.loc.__setitem__((0, "twin"), "sub/../../x.png"),
+            "leaves the manifest's folder",
+        ),
+        (
+            lambda t, root: t.loc.__setitem__(2, t.loc[1].tolist()),
+            "line 4: duplicate of an earlier row",
+        ),
     ],
 )
 def test_broken_manifests_name_the_row_and_the_problem(valid_manifest, edit, expected):

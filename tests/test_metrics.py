@@ -86,14 +86,29 @@ def test_fairness_differences_agree_with_fairlearn():
     y_pred = np.where(rng.random(400) < 0.8, y_true, rng.choice(classes, 400))
     groups = rng.choice(["female", "male", "other"], 400)
     dp, eo = fairness_differences(y_true, y_pred, groups, classes, np.ones((1, 400)))
-    assert dp[0] == pytest.approx(demographic_parity_difference(y_true == "doctor", y_pred == "doctor", sensitive_features=groups))
-    assert eo[0] == pytest.approx(equalized_odds_difference(y_true == "doctor", y_pred == "doctor", sensitive_features=groups))
+    assert dp[0] == pytest.approx(
+        demographic_parity_difference(
+            y_true == "doctor", y_pred == "doctor", sensitive_features=groups
+        )
+    )
+    assert eo[0] == pytest.approx(
+        equalized_odds_difference(y_true == "doctor", y_pred == "doctor", sensitive_features=groups)
+    )
     result = performance(y_true, y_pred, groups, classes, resample_weights(400, 100, 0))
-    frame = MetricFrame(metrics=lambda t, p: np.mean(t == p), y_true=y_true, y_pred=y_pred, sensitive_features=groups)
+    frame = MetricFrame(
+        metrics=lambda t, p: np.mean(t == p),
+        y_true=y_true,
+        y_pred=y_pred,
+        sensitive_features=groups,
+    )
     for group, value in frame.by_group.items():
         assert result["per_group"][group]["value"] == pytest.approx(value)
     assert result["accuracy_gap"]["value"] == pytest.approx(frame.difference())
-    cells = {(c, g): np.mean((y_true == y_pred)[(y_true == c) & (groups == g)]) for c in classes for g in ("female", "male", "other")}
+    cells = {
+        (c, g): np.mean((y_true == y_pred)[(y_true == c) & (groups == g)])
+        for c in classes
+        for g in ("female", "male", "other")
+    }
     assert result["worst_group_accuracy"]["value"] == pytest.approx(min(cells.values()))
     low, high = result["accuracy"]["ci_low"], result["accuracy"]["ci_high"]
     assert low < result["accuracy"]["value"] < high
@@ -103,11 +118,25 @@ def test_fairness_differences_agree_with_fairlearn():
 def test_gates_pass_fail_and_unmeasurable():
     metrics = {
         "models": {
-            "good": {"performance": {"worst_group_accuracy": {"value": 0.9}, "accuracy_gap": {"value": 0.01}}, "counterfactual": {"flip_rate": {"value": 0.0}}},
-            "bad": {"performance": {"worst_group_accuracy": {"value": 0.5}, "accuracy_gap": {"value": 0.2}}, "counterfactual": {"flip_rate": {"value": 0.3}}},
+            "good": {
+                "performance": {
+                    "worst_group_accuracy": {"value": 0.9},
+                    "accuracy_gap": {"value": 0.01},
+                },
+                "counterfactual": {"flip_rate": {"value": 0.0}},
+            },
+            "bad": {
+                "performance": {
+                    "worst_group_accuracy": {"value": 0.5},
+                    "accuracy_gap": {"value": 0.2},
+                },
+                "counterfactual": {"flip_rate": {"value": 0.3}},
+            },
         }
     }
-    rows = evaluate_gates(metrics, {"min_worst_group_accuracy": 0.85, "max_flip_rate": 0.1, "max_accuracy_gap": None})
+    rows = evaluate_gates(
+        metrics, {"min_worst_group_accuracy": 0.85, "max_flip_rate": 0.1, "max_accuracy_gap": None}
+    )
     assert [(r["model"], r["gate"], r["passed"]) for r in rows] == [
         ("good", "min_worst_group_accuracy", True),
         ("good", "max_flip_rate", True),

@@ -35,7 +35,9 @@ def test_config_defaults_and_unknown_keys(tmp_path):
     config = from_dict({"model": [{"name": "m", "train_split": "train_biased"}]})
     assert config.data.image_size == 64 and config.explain.samples_per_cell == 8
     assert config.gates.min_worst_group_accuracy == 0.85
-    with pytest.raises(ConfigError, match="unknown config key 'data.manifst'; did you mean 'manifest'"):
+    with pytest.raises(
+        ConfigError, match="unknown config key 'data.manifst'; did you mean 'manifest'"
+    ):
         from_dict({"data": {"manifst": "x"}, "model": [{"name": "m", "train_split": "t"}]})
     with pytest.raises(ConfigError, match="unknown config key 'model\\[0\\].epoch'"):
         from_dict({"model": [{"name": "m", "train_split": "t", "epoch": 3}]})
@@ -44,27 +46,66 @@ def test_config_defaults_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="needs train_split"):
         from_dict({"model": [{"name": "m"}]})
     with pytest.raises(ConfigError, match="unknown method 'gradcam\\+\\+\\+'"):
-        from_dict({"model": [{"name": "m", "train_split": "t"}], "explain": {"methods": ["gradcam+++"]}})
+        from_dict(
+            {"model": [{"name": "m", "train_split": "t"}], "explain": {"methods": ["gradcam+++"]}}
+        )
     (tmp_path / "bad.toml").write_text("seed = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
 
 
 def test_run_folder_contents(small_run, small_dataset):
-    for name in ("metrics.json", "samples.csv", "config.json", "run.json", "run.log", "models/a.pt", "models/b.pt"):
+    for name in (
+        "metrics.json",
+        "samples.csv",
+        "config.json",
+        "run.json",
+        "run.log",
+        "models/a.pt",
+        "models/b.pt",
+    ):
         assert (small_run / name).is_file(), name
     metrics = json.loads((small_run / "metrics.json").read_text())
-    assert list(metrics) == ["schema_version", "seed", "bootstrap", "data", "gallery", "models", "comparisons", "gates", "verdicts"]
+    assert list(metrics) == [
+        "schema_version",
+        "seed",
+        "bootstrap",
+        "data",
+        "gallery",
+        "models",
+        "comparisons",
+        "gates",
+        "verdicts",
+    ]
     model = metrics["models"]["a"]
     assert {"performance", "attention", "counterfactual", "layer", "history"} <= set(model)
-    for key in ("accuracy", "worst_group_accuracy", "accuracy_gap", "demographic_parity_difference", "equalized_odds_difference"):
+    for key in (
+        "accuracy",
+        "worst_group_accuracy",
+        "accuracy_gap",
+        "demographic_parity_difference",
+        "equalized_odds_difference",
+    ):
         assert set(model["performance"][key]) >= {"value", "ci_low", "ci_high"}
     assert set(model["attention"]) == {"gradcam", "guided_gradcam"}
     assert {"overall", "per_group", "per_class", "per_cell"} <= set(model["attention"]["gradcam"])
     assert model["counterfactual"]["from_twins"] == 80  # every test image has a twin
     samples = pd.read_csv(small_run / "samples.csv", keep_default_na=False)
     assert len(samples) == 2 * 80 and set(samples["model"]) == {"a", "b"}
-    for column in ("image", "label", "group", "split", "prediction", "confidence", "correct", "share:gradcam:hair", "hit:gradcam:face", "iou:gradcam:stethoscope", "share:guided_gradcam:protected", "extra:job_cue"):
+    for column in (
+        "image",
+        "label",
+        "group",
+        "split",
+        "prediction",
+        "confidence",
+        "correct",
+        "share:gradcam:hair",
+        "hit:gradcam:face",
+        "iou:gradcam:stethoscope",
+        "share:guided_gradcam:protected",
+        "extra:job_cue",
+    ):
         assert column in samples.columns, column
     # Grad-CAM for every evaluated image: a share wherever the map has any mass.
     mass = samples["gradcam_mass"].astype(float)
@@ -78,7 +119,10 @@ def test_run_folder_contents(small_run, small_dataset):
     wrong = samples[(samples["correct"].astype(str) == "False") & (samples["model"] == "a")]
     for position in wrong.index[:5]:
         assert (small_run / "overlays" / "a" / "gradcam" / "true" / f"{position:05d}.png").is_file()
-    assert metrics["comparisons"][0]["a"] == "a" and "protected" in metrics["comparisons"][0]["attention_share_difference"]
+    assert (
+        metrics["comparisons"][0]["a"] == "a"
+        and "protected" in metrics["comparisons"][0]["attention_share_difference"]
+    )
     assert load_config  # the resolved config is valid config again:
     resolved = json.loads((small_run / "config.json").read_text())
     assert from_dict(resolved).model[0].name == "a"
@@ -88,8 +132,12 @@ def test_same_seed_gives_the_same_metrics(small_run, small_dataset, tmp_path):
     config = write_config(tmp_path / "audit.toml", small_dataset)
     result = invoke("run", config, "--out", tmp_path / "again", "--no-report", "--quiet")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "again" / "metrics.json").read_bytes() == (small_run / "metrics.json").read_bytes()
-    assert (tmp_path / "again" / "samples.csv").read_bytes() == (small_run / "samples.csv").read_bytes()
+    assert (tmp_path / "again" / "metrics.json").read_bytes() == (
+        small_run / "metrics.json"
+    ).read_bytes()
+    assert (tmp_path / "again" / "samples.csv").read_bytes() == (
+        small_run / "samples.csv"
+    ).read_bytes()
 
 
 def test_checkpoints_load_weights_only_and_refuse_pickles(small_run, tmp_path):
@@ -109,13 +157,21 @@ def test_checkpoints_load_weights_only_and_refuse_pickles(small_run, tmp_path):
 
 def test_a_run_can_load_a_checkpoint(small_run, small_dataset, tmp_path):
     checkpoint = small_run / "models" / "b.pt"
-    config = write_config(tmp_path / "load.toml", small_dataset, model=[{"name": "loaded", "checkpoint": str(checkpoint)}], bootstrap=50)
+    config = write_config(
+        tmp_path / "load.toml",
+        small_dataset,
+        model=[{"name": "loaded", "checkpoint": str(checkpoint)}],
+        bootstrap=50,
+    )
     result = invoke("run", config, "--out", tmp_path / "run", "--no-report", "--quiet")
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     original = json.loads((small_run / "metrics.json").read_text())
     assert metrics["models"]["loaded"]["source"] == "loaded"
-    assert metrics["models"]["loaded"]["performance"]["accuracy"]["value"] == original["models"]["b"]["performance"]["accuracy"]["value"]
+    assert (
+        metrics["models"]["loaded"]["performance"]["accuracy"]["value"]
+        == original["models"]["b"]["performance"]["accuracy"]["value"]
+    )
 
 
 def test_check_exit_codes(small_run, tmp_path):
@@ -155,11 +211,24 @@ def _bad_input(tmp_path: Path, small_dataset: Path, **overrides: object) -> tupl
     ("overrides", "message"),
     [
         ({"data": {"manifest": "missing/manifest.csv"}}, "manifest not found"),
-        ({"data": {"protected_regions": ["beard"]}}, "data.protected_regions: region 'beard' is not in"),
-        ({"model": [{"name": "x", "arch": "resnet19", "train_split": "train_biased"}]}, "unknown arch 'resnet19'"),
+        (
+            {"data": {"protected_regions": ["beard"]}},
+            "data.protected_regions: region 'beard' is not in",
+        ),
+        (
+            {"model": [{"name": "x", "arch": "resnet19", "train_split": "train_biased"}]},
+            "unknown arch 'resnet19'",
+        ),
         ({"data": {"manifst": "x"}}, "unknown config key 'data.manifst'"),
+        (
+            {"model": [{"name": "x", "train_split": "train_biased", "layer": "featurs"}]},
+            "unknown layer 'featurs' in small_cnn; did you mean features",
+        ),
         ({"data": {"eval_split": "holdout"}}, "split 'holdout' has no rows"),
-        ({"model": [{"name": "x", "train_split": "train_everything"}]}, "split 'train_everything' has no rows"),
+        (
+            {"model": [{"name": "x", "train_split": "train_everything"}]},
+            "split 'train_everything' has no rows",
+        ),
     ],
 )
 def test_bad_input_fails_cleanly(overrides, message, tmp_path, small_dataset):
@@ -184,11 +253,15 @@ def test_missing_config_and_a_broken_manifest(tmp_path, small_dataset):
     assert result.exit_code == 1
     assert "line 2, image: '../x.png' leaves the manifest's folder" in result.output
     assert "line 3, label: empty label" in result.output
-    line, _ = _bad_input(tmp_path, broken / "manifest.csv", data={"manifest": str(broken / "manifest.csv")})
+    line, _ = _bad_input(
+        tmp_path, broken / "manifest.csv", data={"manifest": str(broken / "manifest.csv")}
+    )
     assert "3 problem(s)" in line and "line 3, image: file not found: missing.png" in line
 
 
-def test_an_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, small_dataset, monkeypatch):
+def test_an_interrupted_run_leaves_nothing_that_looks_finished(
+    tmp_path, small_dataset, monkeypatch
+):
     import audit.report.render as render
 
     def interrupted(*_args, **_kwargs):
@@ -203,16 +276,48 @@ def test_an_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, small_d
 
 def test_train_and_explain_commands(tmp_path, small_dataset):
     checkpoint = tmp_path / "m.pt"
-    result = invoke("train", "--manifest", small_dataset, "--split", "train_balanced", "--epochs", "1", "--out", checkpoint)
+    result = invoke(
+        "train",
+        "--manifest",
+        small_dataset,
+        "--split",
+        "train_balanced",
+        "--epochs",
+        "1",
+        "--out",
+        checkpoint,
+    )
     assert result.exit_code == 0, result.output
     images = sorted((small_dataset.parent / "images" / "test").glob("*.png"))[:3]
     out = tmp_path / "explained"
-    result = invoke("explain", *images, "--checkpoint", checkpoint, "--classes", "doctor,nurse", "--method", "gradcam", "--method", "guided_gradcam", "--out", out)
+    result = invoke(
+        "explain",
+        *images,
+        "--checkpoint",
+        checkpoint,
+        "--classes",
+        "doctor,nurse",
+        "--method",
+        "gradcam",
+        "--method",
+        "guided_gradcam",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(out / "predictions.csv")) == 3
     assert len(list((out / "gradcam" / "pred").glob("*.png"))) == 3
     assert len(list((out / "guided_gradcam" / "pred").glob("*.png"))) == 3
-    result = invoke("explain", images[0], "--checkpoint", checkpoint, "--classes", "doctor,nurse", "--method", "gradcamm")
+    result = invoke(
+        "explain",
+        images[0],
+        "--checkpoint",
+        checkpoint,
+        "--classes",
+        "doctor,nurse",
+        "--method",
+        "gradcamm",
+    )
     assert result.exit_code == 2 and "unknown method 'gradcamm'" in result.output
 
 

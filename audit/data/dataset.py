@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from PIL import Image
 
 from audit.data.manifest import Manifest, parse_box
 
@@ -19,7 +19,9 @@ def read_image(path: str, mode: str = "RGB") -> Tensor:
     """An image file as a (C, H, W) uint8 tensor; mode "RGB" expands greyscale, "L" reads one channel."""
     with Image.open(path) as image:
         array = np.asarray(image.convert(mode))
-    return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+    return (
+        torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+    )
 
 
 def read_rgb(path: str) -> Tensor:

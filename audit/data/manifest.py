@@ -31,6 +31,10 @@ class ManifestError(ValueError):
         super().__init__(f"{path}: {len(problems)} problem(s): {shown}")
 
 
+class EmptySplitError(ValueError):
+    """A split asked for by name that has no rows in the manifest."""
+
+
 @dataclass
 class Manifest:
     """A validated manifest: its table (strings, empty cells as ""), folder and region names."""
@@ -56,7 +60,7 @@ class Manifest:
         rows = self.table[self.table["split"] == name]
         if rows.empty:
             known = sorted(set(self.table["split"]) - {""})
-            raise ValueError(
+            raise EmptySplitError(
                 f"{self.path}: split {name!r} has no rows (splits: {', '.join(known) or 'none'})"
             )
         return rows

@@ -85,12 +85,16 @@ def load_model(path: Path, arch: str, num_classes: int, *, trust: bool = False) 
     model = build_model(arch, num_classes)
     problem = _state_dict_mismatch(model.state_dict(), state)
     if problem:
-        raise CheckpointError(f"{path} does not fit arch {arch!r} with {num_classes} classes: {problem}")
+        raise CheckpointError(
+            f"{path} does not fit arch {arch!r} with {num_classes} classes: {problem}"
+        )
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def _state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+def _state_dict_mismatch(
+    own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]
+) -> str | None:
     """A one-line summary of how a state dict differs from the model's, or None if it fits."""
     missing = [k for k in own if k not in given]
     unexpected = [k for k in given if k not in own]
@@ -102,5 +106,7 @@ def _state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Te
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if resized:
         k = resized[0]
-        parts.append(f"{len(resized)} tensors of another shape (e.g. {k}: {tuple(given[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
+        parts.append(
+            f"{len(resized)} tensors of another shape (e.g. {k}: {tuple(given[k].shape)} in the file, {tuple(own[k].shape)} in the model)"
+        )
     return "; ".join(parts) or None

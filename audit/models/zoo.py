@@ -46,13 +46,19 @@ def torchvision_classifiers() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+class ArchError(ValueError):
+    """An architecture name that is neither small_cnn nor a torchvision classifier."""
+
+
 def check_arch(arch: str) -> None:
     """Raise a clear error for an architecture name that is neither small_cnn nor torchvision's."""
     names = torchvision_classifiers()
     if arch != SMALL_CNN and arch not in names:
         close = difflib.get_close_matches(arch, [SMALL_CNN, *names], n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown arch {arch!r}: use {SMALL_CNN!r} or a torchvision classifier{hint}")
+        raise ArchError(
+            f"unknown arch {arch!r}: use {SMALL_CNN!r} or a torchvision classifier{hint}"
+        )
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

@@ -11,8 +11,8 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 
 from audit.explain import CAM_METHODS, Explanation, cam_boxes, normalize_maps
 

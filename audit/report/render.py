@@ -43,6 +43,16 @@ def ci(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -
     return text
 
 
+def points(estimate: dict[str, Any] | None) -> str:
+    """A difference of shares in percentage points: '-18.1 pts [-19.7 to -16.6]'."""
+    if not estimate or estimate.get("value") is None:
+        return "n/a"
+    text = f"{100 * estimate['value']:+.1f} pts"
+    if estimate.get("ci_low") is not None:
+        text += f" [{100 * estimate['ci_low']:+.1f} to {100 * estimate['ci_high']:+.1f}]"
+    return text
+
+
 def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -53,6 +63,7 @@ def environment() -> Environment:
     )
     env.filters["pct"] = pct
     env.filters["ci"] = ci
+    env.filters["points"] = points
     return env
 
 
@@ -134,7 +145,7 @@ def findings(metrics: dict[str, Any]) -> list[str]:
         if diff and diff.get("ci_low") is not None:
             excludes = diff["ci_low"] > 0 or diff["ci_high"] < 0
             out.append(
-                f"Protected-region attention, {comparison['b']} minus {comparison['a']}: {ci(diff, 1)} points"
+                f"Protected-region attention, {comparison['b']} minus {comparison['a']}: {points(diff)}"
                 + (
                     " (the interval excludes zero)."
                     if excludes
@@ -340,7 +351,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
                 "rows": [
                     {
                         "region": _region_label(r, data),
-                        "value": ci(comparison["attention_share_difference"].get(r), 1),
+                        "value": points(comparison["attention_share_difference"].get(r)),
                     }
                     for r in regions
                 ],
