@@ -116,41 +116,40 @@ def findings(metrics: dict[str, Any]) -> list[str]:
     protected = " and ".join(data["protected_regions"])
     core = " and ".join(data["core_regions"]) or "the core regions"
     names = list(models)
-    out = []
-    parts = [
-        f"the {n} model {ci(models[n]['attention'].get('gradcam', {}).get('overall', {}).get('protected', {}).get('share'))}"
-        for n in names
-    ]
-    out.append(
+
+    def share(name: str, region: str) -> str:
+        overall = models[name]["attention"].get("gradcam", {}).get("overall", {})
+        return ci(overall.get(region, {}).get("share"), 1)
+
+    out = [
         f"Share of Grad-CAM mass on {protected} (the protected attribute): "
-        + "; ".join(parts)
-        + "."
-    )
-    parts = [
-        f"the {n} model {ci(models[n]['attention'].get('gradcam', {}).get('overall', {}).get('core', {}).get('share'))}"
-        for n in names
+        + "; ".join(f"the {n} model {share(n, 'protected')}" for n in names)
+        + ".",
+        f"Share on {core} (what should decide the class): "
+        + "; ".join(f"the {n} model {share(n, 'core')}" for n in names)
+        + ".",
     ]
-    out.append(f"Share on {core} (what should decide the class): " + "; ".join(parts) + ".")
     parts = []
     for n in names:
         worst = models[n]["performance"]["worst_group_accuracy"]
-        parts.append(f"the {n} model {ci(worst)} (worst cell: {worst.get('cell', 'n/a')})")
+        parts.append(f"the {n} model {ci(worst, 1)} (worst cell: {worst.get('cell', 'n/a')})")
     out.append("Worst-group accuracy: " + "; ".join(parts) + ".")
-    parts = [f"the {n} model {ci(models[n]['counterfactual']['flip_rate'])}" for n in names]
-    out.append(
-        f"Predictions that flip when only the protected attribute changes: {'; '.join(parts)}."
+    flips = "; ".join(
+        f"the {n} model {ci(models[n]['counterfactual']['flip_rate'], 1)}" for n in names
     )
+    out.append(f"Predictions that flip when only the protected attribute changes: {flips}.")
     for comparison in metrics.get("comparisons", []):
         diff = comparison["attention_share_difference"].get("protected")
         if diff and diff.get("ci_low") is not None:
             excludes = diff["ci_low"] > 0 or diff["ci_high"] < 0
+            verdict = (
+                "the interval excludes zero"
+                if excludes
+                else "the interval includes zero: no clear difference"
+            )
             out.append(
-                f"Protected-region attention, {comparison['b']} minus {comparison['a']}: {points(diff)}"
-                + (
-                    " (the interval excludes zero)."
-                    if excludes
-                    else " (the interval includes zero: no clear difference)."
-                )
+                f"Protected-region attention, {comparison['b']} minus {comparison['a']}: "
+                f"{points(diff)} ({verdict})."
             )
     return out
 
