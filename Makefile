@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check audit tests benchmarks
 	$(BIN)/pytest
 
 bench: $(STAMP)

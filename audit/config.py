@@ -15,7 +15,7 @@ core_regions = ["stethoscope", "badge"]   # regions that should decide the class
 name = "biased"
 arch = "small_cnn"            # the built-in GAP CNN, or any torchvision classifier name
 train_split = "train_biased"  # train on this split ...
-checkpoint = ""               # ... or load this file (state dict, or TorchScript)
+checkpoint = ""               # ... or load this file (a state dict, read with weights_only)
 trust = false                 # allow a pickled whole model (runs code from the file!)
 layer = ""                    # explained layer; "" = the last conv feature map
 epochs = 10

@@ -192,6 +192,12 @@ class Auditor:
             for spec in config.model
             if spec.checkpoint
         }
+        for name, model in self.loaded.items():
+            if isinstance(model, torch.jit.ScriptModule):
+                raise AuditError(
+                    f"model {name!r} is a TorchScript file: Grad-CAM needs forward hooks, which "
+                    "ScriptModules do not support; give its state dict with arch instead"
+                )
         size = config.data.image_size
         self.eval = load_samples(
             self.manifest, self.manifest.split(config.data.eval_split), self.classes, size
@@ -294,17 +300,13 @@ class Auditor:
             }
         model.to(self.device).eval()
         checkpoint = self.run_dir / "models" / f"{spec.name}.pt"
-        if isinstance(model, torch.jit.ScriptModule):
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            model.save(str(checkpoint))
-        else:
-            save_checkpoint(
-                model,
-                checkpoint,
-                arch=spec.arch,
-                classes=self.classes,
-                meta={"name": spec.name, "seed": self.config.seed},
-            )
+        save_checkpoint(
+            model,
+            checkpoint,
+            arch=spec.arch,
+            classes=self.classes,
+            meta={"name": spec.name, "seed": self.config.seed},
+        )
         info["saved_checkpoint"] = f"models/{spec.name}.pt"
         info["saved_checkpoint_sha256"] = sha256(checkpoint)
         return model, info
@@ -421,10 +423,6 @@ class Auditor:
     def audit_model(self, spec, gallery: np.ndarray, weights: np.ndarray) -> ModelResult:  # noqa: ANN001
         model, info = self.obtain_model(spec)
         layer = spec.layer or default_layer(spec.arch)
-        if isinstance(model, torch.jit.ScriptModule) and layer is None:
-            raise AuditError(
-                f"model {spec.name!r}: a TorchScript model needs layer = ... in its config"
-            )
         _check_layer(spec.name, spec.arch, model, layer)
         logits, columns, explained = self.explain_all(spec.name, model, layer, gallery)
         samples = self.eval

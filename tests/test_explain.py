@@ -368,3 +368,13 @@ def test_cam_box_agrees_with_scipy_on_random_maps():
             continue  # ties may be broken differently
         ys, xs = np.nonzero(comp)
         assert boxes[i].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_torchscript_models_get_saliency_and_a_clear_refusal_otherwise(small_cnn, images):
+    scripted = torch.jit.script(copy.deepcopy(small_cnn))
+    torch.testing.assert_close(
+        explain(scripted, images, "saliency"), explain(small_cnn, images, "saliency")
+    )
+    for method in ("gradcam", "guided_backprop"):
+        with pytest.raises(ValueError, match="TorchScript model cannot be hooked"):
+            explain(scripted, images, method)

@@ -236,6 +236,15 @@ def test_bad_input_fails_cleanly(overrides, message, tmp_path, small_dataset):
     assert message in line
 
 
+def test_torchscript_models_are_refused_with_the_reason(tmp_path, small_dataset):
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.script(SmallCNN(2)).save(str(scripted))
+    line, _ = _bad_input(
+        tmp_path, small_dataset, model=[{"name": "ts", "checkpoint": str(scripted)}]
+    )
+    assert "TorchScript" in line and "forward hooks" in line
+
+
 def test_checkpoint_of_the_wrong_shape_fails_cleanly(tmp_path, small_dataset):
     wrong = tmp_path / "resnet.pt"
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), wrong)

@@ -197,6 +197,12 @@ def explain_many(
 
     needs_layer = any(m in CAM_METHODS or m == "guided_gradcam" for m in methods)
     needs_input_grad = any(m in PIXEL_METHODS for m in methods)
+    needs_guided = any(m in ("guided_backprop", "guided_gradcam") for m in methods)
+    if isinstance(model, torch.jit.ScriptModule) and (needs_layer or needs_guided):
+        raise ValueError(
+            "a TorchScript model cannot be hooked (no forward hooks, no ReLU interception); "
+            "only 'saliency' works on it: load the architecture with a state dict instead"
+        )
     layer_name, module = resolve_layer(model, layer, images) if needs_layer else (None, None)
     capture = _LayerCapture(layer_name or "", enable_grad_after=not needs_input_grad)
     switch = ReluSwitch()
