@@ -643,6 +643,7 @@ def run_audit(
                 "duration_s": round(time.time() - started, 2),
                 "device": str(auditor.device),
                 "manifest_sha256": sha256(auditor.manifest.path),
+                "dataset_sha256": auditor.manifest.checksum(),
                 "versions": software_versions(),
                 "platform": platform.platform(),
             },

@@ -349,3 +349,11 @@ def test_the_demo_shows_the_papers_finding(demo_run):
     result = invoke("check", demo_run)
     assert result.exit_code == 1
     assert "FAIL biased" in result.output and "FAIL unbiased" not in result.output
+
+
+def test_the_example_config_is_valid():
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "doctor_nurse.toml")
+    assert [m.name for m in config.model] == ["biased", "unbiased"]
+    assert config.manifest_path == (
+        Path(__file__).resolve().parents[1] / "datasets" / "doctor_nurse" / "manifest.csv"
+    )

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -64,6 +65,16 @@ class Manifest:
                 f"{self.path}: split {name!r} has no rows (splits: {', '.join(known) or 'none'})"
             )
         return rows
+
+    def checksum(self) -> str:
+        """SHA-256 over the manifest and every file it references, in order: the data set's identity."""
+        digest = hashlib.sha256(self.path.read_bytes())
+        columns = [c for c in self.table.columns if c in ("image", "twin") or c.startswith("mask:")]
+        for value in self.table[columns].to_numpy().ravel():
+            if value:
+                digest.update(value.encode("utf-8") + b"\0")
+                digest.update(hashlib.sha256(self.resolve(value).read_bytes()).digest())
+        return digest.hexdigest()
 
     @property
     def extra_columns(self) -> list[str]:

@@ -27,15 +27,16 @@ class _SwitchableReLU(torch.autograd.Function):
             out = x.clamp_(0.0, upper)
         else:
             out = x.clamp(0.0, upper)
-        # Pass-through mask of the forward: 0 < x (< upper for ReLU6).
-        mask = (out > 0) if upper is None else (out > 0) & (out < upper)
-        ctx.save_for_backward(mask)
+        # The output alone gives the forward's pass-through mask: 0 < out (< upper for ReLU6).
+        ctx.save_for_backward(out)
+        ctx.upper = upper
         ctx.switch = switch
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        (mask,) = ctx.saved_tensors
+        (out,) = ctx.saved_tensors
+        mask = out > 0 if ctx.upper is None else (out > 0) & (out < ctx.upper)
         grad_in = grad * mask
         if ctx.switch.guided:
             grad_in = grad_in.clamp(min=0)
