@@ -299,6 +299,19 @@ def test_broken_manifests_name_the_row_and_the_problem(valid_manifest, edit, exp
         read_manifest(valid_manifest)
 
 
+def test_truncated_images_are_caught_even_after_weasyprint_is_imported(valid_manifest):
+    import weasyprint  # noqa: F401 - it sets PIL's LOAD_TRUNCATED_IMAGES globally
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES
+    root = valid_manifest.parent
+    _noise(root / "full.png")
+    (root / "a.png").write_bytes((root / "full.png").read_bytes()[:-300])
+    assert any(
+        "line 2, image: unreadable or truncated image a.png" in p for p in validate(valid_manifest)
+    )
+
+
 def test_all_problems_are_reported_at_once(valid_manifest):
     table = pd.read_csv(valid_manifest, dtype=str, keep_default_na=False)
     table.loc[0, "image"] = "nope.png"

@@ -12,12 +12,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from audit.data.manifest import Manifest, parse_box
+from audit.data.manifest import Manifest, parse_box, strict_decoding
 
 
 def read_image(path: str, mode: str = "RGB") -> Tensor:
     """An image file as a (C, H, W) uint8 tensor; mode "RGB" expands greyscale, "L" reads one channel."""
-    with Image.open(path) as image:
+    with strict_decoding(), Image.open(path) as image:
         array = np.asarray(image.convert(mode))
     return (
         torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)

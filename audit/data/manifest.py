@@ -10,11 +10,13 @@ import difflib
 import hashlib
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageFile
 
 CORE_COLUMNS = ("image", "label", "group", "split", "twin")
 REGION_PREFIXES = ("mask", "box")
@@ -113,9 +115,24 @@ def _unsafe_path(value: str) -> str | None:
     return None
 
 
+@contextmanager
+def strict_decoding() -> Iterator[None]:
+    """Make Pillow refuse truncated files, whatever another library set globally.
+
+    WeasyPrint sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` when imported, which would let a
+    truncated image through validation in any process that has rendered a PDF.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) of a fully decodable image; raises OSError for unreadable or truncated files."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), strict_decoding():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
             image.load()
