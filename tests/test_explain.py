@@ -84,6 +84,28 @@ def test_gradcam_on_resnet_layer3_matches_reference(images):
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_gradcam_plus_plus_matches_the_papers_formula(images):
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    targets = torch.tensor([0, 1, 2, 0, 1])
+    ours = explain_many(model, images, ["gradcam++"], targets, layer="layer3").low_res[
+        "gradcam++", "target"
+    ]
+    saved = {}
+    handle = model.layer3.register_forward_hook(lambda _m, _i, out: saved.setdefault("A", out))
+    logits = model(images)
+    handle.remove()
+    activation = saved["A"]
+    (g,) = torch.autograd.grad(logits[torch.arange(5), targets].sum(), activation)
+    activation, g = activation.detach(), g.detach()
+    numerator = g**2
+    denominator = 2 * g**2 + activation.sum(dim=(2, 3), keepdim=True) * g**3
+    alpha = numerator / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    weights = (alpha * F.relu(g)).sum(dim=(2, 3))
+    expected = F.relu((weights[:, :, None, None] * activation).sum(dim=1))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
+
+
 class TinyNet(nn.Module):
     """conv1x1 -> nn.ReLU(inplace) -> conv1x1 -> F.relu -> conv1x1 -> torch.relu -> GAP -> linear."""
 
@@ -378,3 +400,20 @@ def test_torchscript_models_get_saliency_and_a_clear_refusal_otherwise(small_cnn
     for method in ("gradcam", "guided_backprop"):
         with pytest.raises(ValueError, match="TorchScript model cannot be hooked"):
             explain(scripted, images, method)
+
+
+def test_guided_backprop_through_relu6():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 4, 1, bias=False)
+    nn.init.normal_(conv.weight, std=6.0)  # some pre-activations above 6
+    fc = nn.Linear(4, 2, bias=False)
+    net = nn.Sequential(
+        conv, nn.ReLU6(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc
+    ).eval()
+    x = torch.randn(3, 2, 5, 5)
+    h = conv(x).detach()
+    assert (h > 6).any() and ((h > 0) & (h < 6)).any()
+    g_a = (fc.weight[1] / 25).detach()[None, :, None, None].expand_as(h)
+    g_h = g_a.clamp(min=0) * ((h > 0) & (h < 6))
+    expected = torch.einsum("oc,nohw->nchw", conv.weight[:, :, 0, 0].detach(), g_h)
+    torch.testing.assert_close(explain(net, x, "guided_backprop", targets=1), expected)

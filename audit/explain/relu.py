@@ -36,11 +36,20 @@ class _SwitchableReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         (out,) = ctx.saved_tensors
-        mask = out > 0 if ctx.upper is None else (out > 0) & (out < ctx.upper)
-        grad_in = grad * mask
         if ctx.switch.guided:
-            grad_in = grad_in.clamp(min=0)
+            grad = grad.clamp(min=0)  # guided: only positive gradients pass back
+        # The native fused kernels of ReLU's and ReLU6's own backward.
+        if ctx.upper is None:
+            grad_in = torch.ops.aten.threshold_backward(grad, out, 0.0)
+        else:
+            grad_in = torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.upper)
         return grad_in, None, None, None
+
+
+def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else default
 
 
 def _inplace_arg(args: tuple, kwargs: dict, position: int) -> bool:
@@ -50,7 +59,8 @@ def _inplace_arg(args: tuple, kwargs: dict, position: int) -> bool:
 
 
 class ReluSwitch(TorchFunctionMode):
-    """While active, every ReLU/ReLU6 call uses `_SwitchableReLU`; set `.guided` before a backward."""
+    """While active, every ReLU/ReLU6 call (module or functional, and hardtanh with a floor of 0)
+    uses `_SwitchableReLU`; set `.guided` before a backward."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,6 +72,10 @@ class ReluSwitch(TorchFunctionMode):
         if func in (F.relu, F.relu6):
             inplace = _inplace_arg(args, kwargs, 1)
             upper = 6.0 if func is F.relu6 else None
+        elif func is F.hardtanh and _arg(args, kwargs, 1, "min_val", -1.0) == 0:
+            # nn.ReLU6 calls F.hardtanh(x, 0, 6): a ReLU with a ceiling.
+            inplace = _inplace_arg(args, kwargs, 3)
+            upper = float(_arg(args, kwargs, 2, "max_val", 1.0))
         elif func in (torch.relu, Tensor.relu):
             inplace, upper = False, None
         elif func in (torch.relu_, Tensor.relu_, F.relu_):
