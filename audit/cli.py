@@ -342,7 +342,7 @@ def report(run_dir: Path, no_pdf: bool) -> None:
     "--checkpoint",
     type=click.Path(path_type=Path),
     required=True,
-    help="Model checkpoint (state dict or TorchScript).",
+    help="Model checkpoint: a state dict (read with weights_only).",
 )
 @click.option("--arch", default="small_cnn", help="Architecture of the checkpoint.")
 @click.option("--classes", required=True, help="Comma-separated class names, in the model's order.")
@@ -400,7 +400,10 @@ def explain(
         except RuntimeError as error:
             raise BadInput(f"{path}: not a readable image: {str(error).splitlines()[0]}") from None
     x = torch.stack(batch)
-    result = explain_many(model, x, methods, {"pred": None}, layer=layer or default_layer(arch))
+    try:
+        result = explain_many(model, x, methods, {"pred": None}, layer=layer or default_layer(arch))
+    except ValueError as error:  # the engine's checks of the user's layer and model
+        raise BadInput(" ".join(str(error).split())) from None
     save_overlays(
         out, x, torch.arange(len(x)), result, torch.zeros(len(x), dtype=torch.bool).numpy(), {}
     )

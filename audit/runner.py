@@ -7,6 +7,7 @@ looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -305,7 +306,7 @@ class Auditor:
             checkpoint,
             arch=spec.arch,
             classes=self.classes,
-            meta={"name": spec.name, "seed": self.config.seed},
+            meta={"seed": self.config.seed, "config": dataclasses.asdict(spec)},
         )
         info["saved_checkpoint"] = f"models/{spec.name}.pt"
         info["saved_checkpoint_sha256"] = sha256(checkpoint)
@@ -351,31 +352,17 @@ class Auditor:
             run_methods = list(methods)
             if "cam" in run_methods and not cam_ok:
                 run_methods.remove("cam")
+            targets = {
+                "pred": predictions[pos].to(self.device),
+                "true": samples.labels[pos].to(self.device),
+            }
             try:
-                result = explain_many(
-                    model,
-                    x,
-                    run_methods,
-                    {
-                        "pred": predictions[pos].to(self.device),
-                        "true": samples.labels[pos].to(self.device),
-                    },
-                    layer=layer,
-                )
+                result = explain_many(model, x, run_methods, targets, layer=layer)
             except CAMNotApplicableError as error:
                 self.log(f"{name}: CAM skipped: {error}")
                 cam_ok = False
                 run_methods.remove("cam")
-                result = explain_many(
-                    model,
-                    x,
-                    run_methods,
-                    {
-                        "pred": predictions[pos].to(self.device),
-                        "true": samples.labels[pos].to(self.device),
-                    },
-                    layer=layer,
-                )
+                result = explain_many(model, x, run_methods, targets, layer=layer)
             for method in other_methods:
                 if (method, "pred") in result.maps:
                     self._add_attention(

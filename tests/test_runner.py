@@ -328,6 +328,17 @@ def test_train_and_explain_commands(tmp_path, small_dataset):
         "gradcamm",
     )
     assert result.exit_code == 2 and "unknown method 'gradcamm'" in result.output
+    result = invoke(
+        "explain",
+        images[0],
+        "--checkpoint",
+        checkpoint,
+        "--classes",
+        "doctor,nurse",
+        "--layer",
+        "featurez",
+    )
+    assert result.exit_code == 2 and "unknown layer 'featurez'" in result.output
 
 
 def test_the_demo_shows_the_papers_finding(demo_run):
