@@ -34,7 +34,7 @@ from audit.metrics.attention import as_heat, region_attention, union_region
 from audit.metrics.bootstrap import estimate, resample_weights, weighted_means
 from audit.metrics.counterfactual import counterfactual_images
 from audit.metrics.gates import evaluate_gates, verdicts
-from audit.metrics.performance import performance
+from audit.metrics.performance import headline_samples, performance
 from audit.models.io import load_model, save_checkpoint, sha256
 from audit.models.train import TrainConfig, predict_logits, train_model
 from audit.models.zoo import build_model, check_arch, default_layer
@@ -515,6 +515,13 @@ def compare(
     base = results[0]
     n = len(rows)
     everyone = np.ones((1, n))
+    groups = _groups_of(rows)
+    headline = {
+        r.name: headline_samples(
+            r.samples["correct"].to_numpy(float), rows["label"].to_numpy(), groups, weights
+        )
+        for r in results
+    }
     for other in results[1:]:
         entry: dict[str, Any] = {"a": base.name, "b": other.name, "attention_share_difference": {}}
         for region, values in base.shares.items():
@@ -522,10 +529,13 @@ def compare(
             point = weighted_means(diff, everyone, np.ones((1, n)))[0, 0]
             boot = weighted_means(diff, everyone, weights)[:, 0] if len(weights) else None
             entry["attention_share_difference"][region] = estimate(point, boot)
-        for metric in ("accuracy", "worst_group_accuracy", "accuracy_gap"):
-            a = base.metrics["performance"][metric]["value"]
-            b = other.metrics["performance"][metric]["value"]
-            entry[f"{metric}_difference"] = None if a is None or b is None else b - a
+        for metric, a_values in headline[base.name].items():
+            diff = headline[other.name][metric] - a_values
+            entry[f"{metric}_difference"] = estimate(diff[0], diff[1:] if len(weights) else None)
+        flips = other.samples["flipped"].to_numpy(float) - base.samples["flipped"].to_numpy(float)
+        entry["flip_rate_difference"] = estimate(
+            flips.mean(), weights @ flips / n if len(weights) else None
+        )
         comparisons.append(entry)
     return comparisons
 

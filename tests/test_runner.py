@@ -356,6 +356,10 @@ def test_the_demo_shows_the_papers_finding(demo_run):
     flips_b = biased["counterfactual"]["flip_rate"]
     flips_u = unbiased["counterfactual"]["flip_rate"]
     assert flips_b["ci_low"] > flips_u["ci_high"]
+    worst_diff = metrics["comparisons"][0]["worst_group_accuracy_difference"]
+    assert worst_diff["value"] == pytest.approx(worst_u["value"] - worst_b["value"])
+    assert worst_diff["ci_low"] > 0.3
+    assert metrics["comparisons"][0]["flip_rate_difference"]["ci_high"] < 0
     assert metrics["verdicts"] == {"biased": "fail", "unbiased": "pass"}
     result = invoke("check", demo_run)
     assert result.exit_code == 1

@@ -119,3 +119,22 @@ def performance(
             "counts": confusion_matrix(y_true, y_pred, labels=list(classes)).tolist(),
         },
     }
+
+
+def headline_samples(
+    correct: np.ndarray, y_true: np.ndarray, groups: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Accuracy, worst-group (cell) accuracy and group accuracy gap: row 0 the estimate on the data,
+    then one row per resample of `weights`. Shared resamples make two models' differences paired."""
+    correct = np.asarray(correct, dtype=np.float64)
+    rows = np.vstack([np.ones((1, len(correct))), weights])
+    cells = sorted(set(zip(y_true, groups, strict=True)))
+    cell_members = np.stack([(y_true == c) & (groups == g) for c, g in cells]).astype(np.float64)
+    group_members = _members(groups, sorted(set(groups)))
+    with np.errstate(all="ignore"):
+        worst = np.nanmin(weighted_means(correct, cell_members, rows), axis=1)
+    return {
+        "accuracy": rows @ correct / len(correct),
+        "worst_group_accuracy": worst,
+        "accuracy_gap": _spread(weighted_means(correct, group_members, rows)),
+    }

@@ -341,6 +341,22 @@ def build_context(run_dir: Path) -> dict[str, Any]:
                 }
             )
         attention_tables.append({"model": n, "rows": rows, "n": gradcam.get("n_images")})
+    perf_differences = [
+        {
+            "a": c["a"],
+            "b": c["b"],
+            "rows": [
+                {"label": label, "value": points(c.get(key))}
+                for label, key in (
+                    ("Accuracy", "accuracy_difference"),
+                    ("Worst-group accuracy", "worst_group_accuracy_difference"),
+                    ("Accuracy gap between groups", "accuracy_gap_difference"),
+                    ("Counterfactual flip rate", "flip_rate_difference"),
+                )
+            ],
+        }
+        for c in metrics.get("comparisons", [])
+    ]
     differences = []
     for comparison in metrics.get("comparisons", []):
         differences.append(
@@ -397,6 +413,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "regions": [_region_label(r, data) for r in regions],
         "attention_tables": attention_tables,
         "differences": differences,
+        "perf_differences": perf_differences,
         "counterfactual": {n: models[n]["counterfactual"] for n in names},
         "gallery": _gallery(run_dir, metrics, loaded["samples"], config),
         "config_text": json.dumps(config, indent=2),
