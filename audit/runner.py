@@ -254,6 +254,13 @@ class Auditor:
             "core_regions": self.config.data.core_regions,
             "eval_split": self.config.data.eval_split,
             "splits": splits,
+            # Mean share of the image a region covers: the share uniform attention would give it.
+            "region_area": {
+                region: round(float(masks[self.present[region]].float().mean()), 6)
+                if bool(self.present[region].any())
+                else None
+                for region, masks in self.regions.items()
+            },
         }
 
     # -- models ---------------------------------------------------------------------------

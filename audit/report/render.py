@@ -307,6 +307,12 @@ def build_context(run_dir: Path) -> dict[str, Any]:
                 for r in regions
             ]
             for n in names
+        }
+        | {
+            "region's area (uniform attention)": [
+                {"value": data.get("region_area", {}).get(r), "ci_low": None, "ci_high": None}
+                for r in regions
+            ]
         },
         "share of Grad-CAM mass",
         "Grad-CAM mass per region, models side by side (95% CI)",
