@@ -42,9 +42,15 @@ def heat_overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
     return (1 - alpha) * images + alpha * colours
 
 
-def pixel_map_image(maps: Tensor) -> Tensor:
-    """Guided backprop / Guided Grad-CAM (N, 3, H, W) gradients as images: grey 0.5 is zero."""
-    top = maps.flatten(1).abs().amax(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+def pixel_map_image(maps: Tensor, quantile: float = 0.99) -> Tensor:
+    """Guided backprop / Guided Grad-CAM (N, 3, H, W) gradients as images: grey 0.5 is zero.
+
+    Scaled by each map's 99th percentile of |value| rather than its maximum, because these maps
+    are sparse: a few extreme pixels would otherwise leave the rest an even grey.
+    """
+    magnitudes = maps.flatten(1).abs()
+    top = torch.quantile(magnitudes, quantile, dim=1)
+    top = torch.where(top > 0, top, magnitudes.amax(dim=1)).clamp(min=1e-12).view(-1, 1, 1, 1)
     return (0.5 + 0.5 * maps / top).clamp(0, 1)
 
 
