@@ -30,6 +30,7 @@ from audit.config import AuditConfig
 from audit.data.dataset import SampleSet, load_samples
 from audit.data.manifest import Manifest, read_manifest
 from audit.explain import CAMNotApplicableError, explain_many, mask_boxes
+from audit.metrics.aggregate import aggregate_attention, groups_of
 from audit.metrics.attention import as_heat, region_attention, union_region
 from audit.metrics.bootstrap import estimate, resample_weights, weighted_means
 from audit.metrics.counterfactual import counterfactual_images
@@ -108,42 +109,6 @@ def choose_gallery(samples: SampleSet, per_cell: int, seed: int) -> np.ndarray:
         )
         chosen.extend(rng.choice(members, size=min(per_cell, len(members)), replace=False).tolist())
     return np.array(sorted(chosen), dtype=np.int64)
-
-
-def _groups_of(rows: pd.DataFrame) -> np.ndarray:
-    return rows["group"].replace("", "(none)").to_numpy()
-
-
-def _aggregate_attention(
-    values: dict[str, np.ndarray], rows: pd.DataFrame, weights: np.ndarray
-) -> dict[str, Any]:
-    """Mean share/hit/iou per region overall, per group, per class and per cell, with bootstrap CIs."""
-    n = len(rows)
-    groups = _groups_of(rows)
-    labels = rows["label"].to_numpy()
-    breakdowns: dict[str, tuple[list[str], np.ndarray]] = {"overall": (["all"], np.ones((1, n)))}
-    for key, keys in (
-        ("per_group", groups),
-        ("per_class", labels),
-        ("per_cell", np.char.add(np.char.add(labels.astype(str), " / "), groups.astype(str))),
-    ):
-        names = sorted(set(keys))
-        breakdowns[key] = (names, np.stack([keys == k for k in names]).astype(np.float64))
-    out: dict[str, Any] = {}
-    for key, (names, members) in breakdowns.items():
-        section: dict[str, Any] = {}
-        for column, per_image in values.items():
-            region, measure = column.split("|")
-            point = weighted_means(per_image, members, np.ones((1, n)))[0]
-            boot = weighted_means(per_image, members, weights) if len(weights) else None
-            for i, name in enumerate(names):
-                entry = section.setdefault(name, {}).setdefault(region, {})
-                finite = np.isfinite(per_image) & (members[i] > 0)
-                entry[measure] = estimate(point[i], None if boot is None else boot[:, i]) | {
-                    "n": int(finite.sum())
-                }
-        out[key] = section["all"] if key == "overall" else section
-    return out
 
 
 class Auditor:
@@ -248,7 +213,7 @@ class Auditor:
         return {
             "manifest": str(self.config.data.manifest),
             "classes": self.classes,
-            "groups": sorted(set(_groups_of(table))),
+            "groups": sorted(set(groups_of(table))),
             "regions": self.manifest.regions,
             "protected_regions": self.config.data.protected_regions,
             "core_regions": self.config.data.core_regions,
@@ -479,10 +444,10 @@ class Auditor:
                     if method != "gradcam"
                     else weights
                 )
-                attention[method] = _aggregate_attention(
+                attention[method] = aggregate_attention(
                     {k: v[explained_rows] for k, v in values.items()}, sub, sub_weights
                 ) | {"n_images": int(explained_rows.sum())}
-        groups = _groups_of(rows)
+        groups = groups_of(rows)
         group_names = sorted(set(groups))
         members = np.stack([groups == g for g in group_names]).astype(np.float64)
         ones = np.ones((1, len(flipped)))
@@ -522,7 +487,7 @@ def compare(
     base = results[0]
     n = len(rows)
     everyone = np.ones((1, n))
-    groups = _groups_of(rows)
+    groups = groups_of(rows)
     headline = {
         r.name: headline_samples(
             r.samples["correct"].to_numpy(float), rows["label"].to_numpy(), groups, weights

@@ -148,3 +148,24 @@ def test_gates_pass_fail_and_unmeasurable():
     assert not any(r["passed"] for r in unmeasured)  # a check that cannot be made does not pass
     with pytest.raises(ValueError, match="unknown gate"):
         evaluate_gates(metrics, {"max_everything": 1.0})
+
+
+def test_attention_aggregates_by_hand():
+    import pandas as pd
+
+    from audit.metrics.aggregate import aggregate_attention
+
+    rows = pd.DataFrame({"label": ["a", "a", "b", "b"], "group": ["x", "y", "x", ""]})
+    share = np.array([0.2, 0.4, 0.6, np.nan])  # the last map was empty
+    out = aggregate_attention({"hair|share": share}, rows, resample_weights(4, 50, 0))
+    assert out["overall"]["hair"]["share"]["value"] == pytest.approx(0.4)
+    assert out["overall"]["hair"]["share"]["n"] == 3
+    assert out["per_group"]["x"]["hair"]["share"]["value"] == pytest.approx(0.4)
+    assert out["per_group"]["(none)"]["hair"]["share"]["value"] is None
+    assert out["per_class"]["b"]["hair"]["share"]["value"] == pytest.approx(0.6)
+    assert out["per_cell"]["a / y"]["hair"]["share"]["value"] == pytest.approx(0.4)
+    low, high = (
+        out["overall"]["hair"]["share"]["ci_low"],
+        out["overall"]["hair"]["share"]["ci_high"],
+    )
+    assert 0.2 <= low <= 0.4 <= high <= 0.6
