@@ -379,10 +379,11 @@ def explain(
     out: Path,
 ) -> None:
     """Explain the predictions of a model on image files; write overlay PNGs and a CSV."""
+    import numpy as np
     import pandas as pd
     import torch
 
-    from audit.data.dataset import _resize_image, read_rgb
+    from audit.data.dataset import read_rgb, resize_image
     from audit.explain import METHODS, explain_many
     from audit.models.io import load_model
     from audit.models.zoo import default_layer
@@ -396,7 +397,7 @@ def explain(
     batch = []
     for path in images:
         try:
-            batch.append(_resize_image(read_rgb(str(path)), image_size).float() / 255)
+            batch.append(resize_image(read_rgb(str(path)), image_size).float() / 255)
         except RuntimeError as error:
             raise BadInput(f"{path}: not a readable image: {str(error).splitlines()[0]}") from None
     x = torch.stack(batch)
@@ -404,9 +405,8 @@ def explain(
         result = explain_many(model, x, methods, {"pred": None}, layer=layer or default_layer(arch))
     except ValueError as error:  # the engine's checks of the user's layer and model
         raise BadInput(" ".join(str(error).split())) from None
-    save_overlays(
-        out, x, torch.arange(len(x)), result, torch.zeros(len(x), dtype=torch.bool).numpy(), {}
-    )
+    no_true_class = np.zeros(len(x), dtype=bool)  # only predicted-class maps: labels are unknown
+    save_overlays(out, x, torch.arange(len(x)), result, no_true_class, {})
     probs = result.probs
     table = pd.DataFrame(
         {

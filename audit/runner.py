@@ -54,9 +54,6 @@ class AuditError(ValueError):
 @dataclass
 class ModelResult:
     name: str
-    model: torch.nn.Module
-    layer: str | None
-    logits: torch.Tensor
     samples: pd.DataFrame
     metrics: dict[str, Any]
     shares: dict[str, np.ndarray]  # region -> per eval image Grad-CAM share (for comparisons)
@@ -476,7 +473,7 @@ class Auditor:
         self.log(
             f"{spec.name}: accuracy {metrics['performance']['accuracy']['value']:.3f}, worst group {metrics['performance']['worst_group_accuracy']['value']:.3f}"
         )
-        return ModelResult(spec.name, model, layer, logits, table, metrics, shares)
+        return ModelResult(spec.name, table, metrics, shares)
 
 
 def compare(

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from audit.data.dataset import load_samples
+from audit.data.dataset import ManifestDataset, load_samples
 from audit.data.doctor_nurse import DoctorNurseSpec, generate, split_plan
 from audit.data.draw import PROTECTED_PARTS, render, sample_params
 from audit.data.manifest import ManifestError, read_manifest, validate
@@ -213,6 +213,8 @@ def test_valid_manifest_loads_with_masks_and_boxes_scaled(valid_manifest):
     assert int(samples.regions["hair"][0].sum()) == 5 * 4
     assert samples.region_present["face"].tolist() == [True, False]
     assert samples.twin_present.tolist() == [True, False]
+    image, label, position = ManifestDataset(samples)[1]
+    assert image.shape == (3, 20, 20) and int(label) == 1 and position == 1
     grey = load_samples(manifest, manifest.split("train"), ["cat", "dog"], 20)
     assert grey.images.shape == (1, 3, 20, 20)
     assert _hashes(valid_manifest.parent) == before  # nothing modified

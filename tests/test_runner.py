@@ -317,28 +317,21 @@ def test_train_and_explain_commands(tmp_path, small_dataset):
     assert len(pd.read_csv(out / "predictions.csv")) == 3
     assert len(list((out / "gradcam" / "pred").glob("*.png"))) == 3
     assert len(list((out / "guided_gradcam" / "pred").glob("*.png"))) == 3
-    result = invoke(
-        "explain",
-        images[0],
-        "--checkpoint",
-        checkpoint,
-        "--classes",
-        "doctor,nurse",
-        "--method",
-        "gradcamm",
-    )
-    assert result.exit_code == 2 and "unknown method 'gradcamm'" in result.output
-    result = invoke(
-        "explain",
-        images[0],
-        "--checkpoint",
-        checkpoint,
-        "--classes",
-        "doctor,nurse",
-        "--layer",
-        "featurez",
-    )
-    assert result.exit_code == 2 and "unknown layer 'featurez'" in result.output
+    for option, value, message in (
+        ("--method", "gradcamm", "unknown method 'gradcamm'"),
+        ("--layer", "featurez", "unknown layer 'featurez'"),
+    ):
+        result = invoke(
+            "explain",
+            images[0],
+            "--checkpoint",
+            checkpoint,
+            "--classes",
+            "doctor,nurse",
+            option,
+            value,
+        )
+        assert result.exit_code == 2 and message in result.output
 
 
 def test_the_demo_shows_the_papers_finding(demo_run):

@@ -29,7 +29,8 @@ def read_rgb(path: str) -> Tensor:
     return read_image(path, "RGB")
 
 
-def _resize_image(image: Tensor, size: int) -> Tensor:
+def resize_image(image: Tensor, size: int) -> Tensor:
+    """A (C, H, W) uint8 image resized to size x size with antialiasing."""
     return TF.resize(image, [size, size], antialias=True)
 
 
@@ -93,10 +94,10 @@ def load_samples(
     for i, row in enumerate(rows.to_dict("records")):
         raw = read_rgb(str(manifest.resolve(row["image"])))
         height, width = raw.shape[1:]
-        images[i] = _resize_image(raw, size).float() / 255
+        images[i] = resize_image(raw, size).float() / 255
         if twins is not None and row["twin"]:
             twins[i] = (
-                _resize_image(read_rgb(str(manifest.resolve(row["twin"]))), size).float() / 255
+                resize_image(read_rgb(str(manifest.resolve(row["twin"]))), size).float() / 255
             )
             twin_present[i] = True
         for region in regions:

@@ -53,9 +53,6 @@ class Manifest:
     def resolve(self, relative: str) -> Path:
         return self.root / relative
 
-    def region_kind(self, region: str) -> list[str]:
-        return [kind for kind in REGION_PREFIXES if f"{kind}:{region}" in self.table.columns]
-
     def split(self, name: str | None) -> pd.DataFrame:
         """Rows of one split (all rows for None); raises if the split is empty."""
         if name is None:
@@ -139,17 +136,13 @@ def _image_size(path: Path) -> tuple[int, int]:
             return image.size
 
 
-def _parse_box(value: str) -> tuple[float, float, float, float]:
+def parse_box(value: str) -> tuple[float, float, float, float]:
+    """Parse 'x0 y0 x1 y1' (pixels, end-exclusive); raise ValueError when it is not four numbers."""
     parts = value.replace(",", " ").split()
     if len(parts) != 4:
         raise ValueError("must be four numbers 'x0 y0 x1 y1'")
     x0, y0, x1, y1 = (float(p) for p in parts)
     return x0, y0, x1, y1
-
-
-def parse_box(value: str) -> tuple[float, float, float, float]:
-    """Parse 'x0 y0 x1 y1' (pixels, end-exclusive)."""
-    return _parse_box(value)
 
 
 def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
@@ -158,7 +151,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     problems = validate(path, check_files=check_files)
     if problems:
         raise ManifestError(path, problems)
-    return _load(path, check_files=check_files)
+    return _load(path)
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -172,7 +165,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     return table
 
 
-def _load(path: Path, *, check_files: bool) -> Manifest:
+def _load(path: Path) -> Manifest:
     table = _read_table(path)
     regions = sorted({r[1] for c in table.columns if (r := _region_column(c))})
     return Manifest(path=path, table=table, regions=regions)
@@ -267,7 +260,7 @@ def validate(path: str | Path, *, check_files: bool = True) -> list[str]:
                 check_file(line, column, value, size)
                 continue
             try:
-                x0, y0, x1, y1 = _parse_box(value)
+                x0, y0, x1, y1 = parse_box(value)
             except ValueError as error:
                 problems.append(f"line {line}, {column}: {value!r} {error}")
                 continue
