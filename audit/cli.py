@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from audit.data.import_cli import import_
+
 EXIT_GATES_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -33,6 +35,8 @@ def user_errors(func: Callable) -> Callable:
         from audit.data.manifest import EmptySplitError, ManifestError
         from audit.models.io import CheckpointError
         from audit.models.zoo import ArchError
+        from audit.pipeline.frames import ImageDecodeError
+        from audit.pipeline.rundir import RunFolderError
         from audit.report.render import ReportError
         from audit.runner import AuditError
 
@@ -47,22 +51,54 @@ def user_errors(func: Callable) -> Callable:
             AuditError,
             ArchError,
             FileExistsError,
+            RunFolderError,
+            ImageDecodeError,
         ) as error:
             raise BadInput(" ".join(str(error).split())) from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class FullHelpGroup(click.Group):
+    """A group whose command list shows each command's whole first paragraph, wrapped.
+
+    Click cuts a command's short help to fit one line ("... exit 0 if all pass, 1 if...");
+    here it is wrapped over as many lines as it needs instead.
+    """
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            text = command.short_help or (command.help or "").split("\f")[0].split("\n\n")[0]
+            rows.append((name, " ".join(text.split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(
+    cls=FullHelpGroup,
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "show_default": True,
+        "max_content_width": 100,
+    },
+)
 @click.version_option(package_name="audit")
 def main() -> None:
     """Bias audits of image classifiers with CAM, Grad-CAM and Guided Grad-CAM."""
 
 
 # -- data -------------------------------------------------------------------------------------
-@main.group()
+@main.group(cls=FullHelpGroup)
 def data() -> None:
-    """Generate the reference data set or validate a manifest."""
+    """Generate the reference data set, import a data set, or validate a manifest."""
+
+
+data.add_command(import_)
 
 
 @data.command("doctor-nurse")
@@ -101,21 +137,28 @@ def data() -> None:
     help="Share of nurses who are women in train_biased.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def data_doctor_nurse(out: Path, overwrite: bool, **spec: Any) -> None:
+def data_doctor_nurse(out: Path, overwrite: bool, quiet: bool, **spec: Any) -> None:
     """Generate the doctor/nurse data set with exact region masks and counterfactual twins."""
     from audit.data.doctor_nurse import DoctorNurseSpec, generate
 
-    manifest = generate(DoctorNurseSpec(**spec), out, overwrite=overwrite)
+    manifest = generate(DoctorNurseSpec(**spec), out, overwrite=overwrite, progress=not quiet)
     click.echo(f"wrote {manifest}")
 
 
 @data.command("validate")
 @click.argument("manifest", type=click.Path(path_type=Path))
 def data_validate(manifest: Path) -> None:
-    """Check a manifest and print every problem, one per line (exit 1 if any)."""
+    """Check a manifest and print every problem, one per line (exit 1 if any, 2 if no file)."""
     from audit.data.manifest import validate
 
+    if manifest.is_dir():
+        raise BadInput(
+            f"{manifest} is a folder; give the manifest file (e.g. {manifest}/manifest.csv)"
+        )
+    if not manifest.is_file():
+        raise BadInput(f"manifest not found: {manifest}")
     problems = validate(manifest)
     for problem in problems:
         click.echo(f"{manifest}: {problem}", err=True)
@@ -162,36 +205,44 @@ def train(
     """Train one classifier on a manifest split and save its checkpoint."""
     import torch
 
-    from audit.data.dataset import load_samples
+    from audit.config import ModelConfig
     from audit.data.manifest import read_manifest
     from audit.models.io import save_checkpoint
+    from audit.models.sources import prepare_model
     from audit.models.train import TrainConfig, train_model
-    from audit.models.zoo import build_model
+    from audit.pipeline.frames import FrameDataset
 
     m = read_manifest(manifest)
     classes = sorted(set(m.table["label"]))
-    build_model(arch, len(classes))
-    samples = load_samples(m, m.split(split), classes, image_size, with_regions=False)
-    val = (
-        load_samples(m, m.split(val_split), classes, image_size, with_regions=False)
-        if val_split
-        else None
-    )
+    spec = ModelConfig(name="model", arch=arch, train_split=split, epochs=epochs)
     torch.manual_seed(seed)
-    model = build_model(arch, len(classes))
-    history = train_model(
-        model,
-        samples.images,
-        samples.labels,
-        TrainConfig(epochs, batch_size, lr, seed=seed),
-        val=(val.images, val.labels) if val else None,
-    )
+    prepared = prepare_model(spec, classes, base_dir=Path("."), image_size=image_size)
+    for message in prepared.messages:
+        click.echo(message)
+    groups = sorted(set(m.table["group"]) - {""})
+
+    def frames(rows: Any) -> FrameDataset:
+        return FrameDataset(m, rows, classes, prepared.preprocess, groups=groups)
+
+    train_rows = m.split(split)
+    val = frames(m.split(val_split)) if val_split else None
+    model = prepared.model
+    with prepared.preprocess.attach(model):
+        history = train_model(
+            model, frames(train_rows), TrainConfig(epochs, batch_size, lr, seed=seed), val=val
+        )
     save_checkpoint(
         model,
         out,
         arch=arch,
         classes=classes,
-        meta={"split": split, "epochs": epochs, "seed": seed, "history": history.loss},
+        meta={
+            "split": split,
+            "epochs": epochs,
+            "seed": seed,
+            "history": history.loss,
+            "preprocess": prepared.preprocess.to_dict(),
+        },
     )
     click.echo(f"wrote {out} (classes {classes}; final loss {history.loss[-1]:.4f})")
 
@@ -203,6 +254,78 @@ def _report_gates(run_dir: Path) -> int:
     for name, verdict in metrics["verdicts"].items():
         click.echo(f"verdict: {name}: {verdict.upper()}")
     return len(failed)
+
+
+def run_options(func: Callable) -> Callable:
+    """Options of `audit run` and `audit demo` that say how to run, never what is computed."""
+    options = [
+        click.option(
+            "--device",
+            default="auto",
+            help="auto (a GPU when there is one), cpu, cuda or cuda:N.",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(0),
+            default=None,
+            help="DataLoader worker processes decoding images [default: one per two cores, <= 4].",
+        ),
+        click.option(
+            "--ray",
+            "ray_address",
+            is_flag=False,
+            flag_value="local",
+            default=None,
+            metavar="[ADDRESS]",
+            help="Run the map stage on Ray: alone, a local Ray; with ADDRESS (e.g. "
+            "ray://head:10001 or auto), an existing cluster.",
+        ),
+        click.option(
+            "--resume", is_flag=True, help="Continue an interrupted run of the same --out."
+        ),
+        click.option(
+            "--force",
+            is_flag=True,
+            help="Replace an earlier run in --out (only the files the audit wrote are removed).",
+        ),
+        click.option(
+            "--skip-bad-images",
+            is_flag=True,
+            help="Skip images that fail to decode (counted in the report) instead of stopping.",
+        ),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _options(render: bool, **kwargs: Any) -> Any:
+    from audit.runner import RunOptions
+
+    quiet = kwargs.pop("quiet")
+    return RunOptions(
+        device=kwargs.pop("device"),
+        workers=kwargs.pop("workers"),
+        ray=kwargs.pop("ray_address"),
+        resume=kwargs.pop("resume"),
+        force=kwargs.pop("force"),
+        skip_bad_images=kwargs.pop("skip_bad_images"),
+        progress=not quiet,
+        render=render,
+    )
+
+
+def _run(spec: Any, out: Path, options: Any) -> Path:
+    """Run an audit; an interruption ends with one line saying how to resume, exit 130."""
+    from audit.pipeline.rundir import RunInterrupted
+    from audit.runner import run_audit
+
+    try:
+        return run_audit(spec, out, echo=click.echo, options=options)
+    except RunInterrupted as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(130)
 
 
 @main.command()
@@ -219,16 +342,15 @@ def _report_gates(run_dir: Path) -> int:
 @click.option(
     "--no-report", is_flag=True, help="Skip the HTML/PDF report (render later with `audit report`)."
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@run_options
 @user_errors
-def run(config: Path, out: Path | None, fail_on_gates: bool, no_report: bool, quiet: bool) -> None:
+def run(config: Path, out: Path | None, fail_on_gates: bool, no_report: bool, **how: Any) -> None:
     """Run the audit described by a TOML CONFIG into a run folder."""
     from audit.config import load_config
-    from audit.runner import run_audit
 
     spec = load_config(config)
     out = out or Path("reports") / config.stem
-    run_dir = run_audit(spec, out, echo=click.echo, progress=not quiet, render=not no_report)
+    run_dir = _run(spec, out, _options(not no_report, **how))
     click.echo(f"run folder: {run_dir}")
     if _report_gates(run_dir) and fail_on_gates:
         sys.exit(EXIT_GATES_FAILED)
@@ -240,7 +362,7 @@ def demo_config(manifest: Path, seed: int) -> dict[str, Any]:
         "seed": seed,
         "title": "Doctor/nurse bias audit (Grad-CAM paper's experiment, generated data)",
         "data": {
-            "manifest": str(manifest.resolve()),
+            "manifest": str(manifest),
             "protected_regions": ["hair", "face"],
             "core_regions": ["stethoscope", "badge"],
         },
@@ -269,13 +391,16 @@ def demo_config(manifest: Path, seed: int) -> dict[str, Any]:
     help="Data set folder (generated if missing).",
 )
 @click.option("--seed", type=int, default=0)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@run_options
 @user_errors
-def demo(out: Path, data_dir: Path, seed: int, quiet: bool) -> None:
-    """Generate the doctor/nurse set if missing and audit a biased model against an unbiased one."""
+def demo(out: Path, data_dir: Path, seed: int, **how: Any) -> None:
+    """Generate the doctor/nurse set if missing and audit a biased model against an unbiased one.
+
+    A re-run replaces the demo's own earlier run folder (only the files the audit wrote).
+    """
     from audit.config import from_dict
     from audit.data.doctor_nurse import DoctorNurseSpec, generate
-    from audit.runner import run_audit
+    from audit.pipeline.rundir import written_files
 
     manifest = data_dir / "manifest.csv"
     if not manifest.is_file():
@@ -284,10 +409,12 @@ def demo(out: Path, data_dir: Path, seed: int, quiet: bool) -> None:
             DoctorNurseSpec(seed=0),
             data_dir,
             overwrite=data_dir.exists() and not any(data_dir.iterdir()),
-            progress=not quiet,
+            progress=not how["quiet"],
         )
     config = from_dict(demo_config(manifest, seed))
-    run_dir = run_audit(config, out, echo=click.echo, progress=not quiet)
+    options = _options(True, **how)
+    options.force = options.force or written_files(out) is not None
+    run_dir = _run(config, out, options)
     click.echo(
         f"run folder: {run_dir}\nreport: {run_dir / 'report.html'} and {run_dir / 'report.pdf'}"
     )
@@ -301,6 +428,10 @@ def check(run_dir: Path) -> None:
     """Re-apply the gates to a finished run: exit 0 if all pass, 1 if one fails, 2 on bad input."""
     from audit.metrics.gates import evaluate_gates
 
+    if not run_dir.exists():
+        raise BadInput(f"{run_dir} is not a finished audit run: folder not found")
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir} is not a finished audit run: not a folder")
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         config = json.loads((run_dir / "config.json").read_text())
@@ -315,8 +446,10 @@ def check(run_dir: Path) -> None:
     for row in rows:
         value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
         status = "PASS" if row["passed"] else "FAIL"
+        source = " (default)" if row.get("source") == "default" else ""
         click.echo(
-            f"{status} {row['model']}: {row['label']} = {value} (must be {row['op']} {row['threshold']})"
+            f"{status} {row['model']}: {row['label']} = {value} "
+            f"(must be {row['op']} {row['threshold']}{source})"
         )
         failed += not row["passed"]
     if not rows:
@@ -364,7 +497,7 @@ def report(run_dir: Path, no_pdf: bool) -> None:
     "--out",
     type=click.Path(path_type=Path),
     default=Path("reports/explain"),
-    help="Folder for the overlays.",
+    help="Folder for predictions.csv and one overlay folder per image; nothing is written outside it.",
 )
 @user_errors
 def explain(
@@ -378,45 +511,59 @@ def explain(
     trust: bool,
     out: Path,
 ) -> None:
-    """Explain the predictions of a model on image files; write overlay PNGs and a CSV."""
-    import numpy as np
+    """Explain a model's predictions on image files; write overlay PNGs and a CSV into --out.
+
+    OUT/predictions.csv lists each image with its prediction; OUT/<name>/image.png is the input
+    and OUT/<name>/<method>.png its map, <name> being the file's stem (-2, -3, ... if repeated).
+    """
     import pandas as pd
     import torch
 
-    from audit.data.dataset import read_rgb, resize_image
     from audit.explain import METHODS, explain_many
     from audit.models.io import load_model
     from audit.models.zoo import default_layer
-    from audit.report.overlays import save_overlays
+    from audit.report.explain_out import overlay_names, save_explanations
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
     for method in methods:
         if method not in METHODS:
             raise BadInput(f"--method: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    batch = [_read_input_image(path, image_size) for path in images]  # before anything heavy
     model = load_model(checkpoint, arch, len(names), trust=trust)
-    batch = []
-    for path in images:
-        try:
-            batch.append(resize_image(read_rgb(str(path)), image_size).float() / 255)
-        except RuntimeError as error:
-            raise BadInput(f"{path}: not a readable image: {str(error).splitlines()[0]}") from None
     x = torch.stack(batch)
     try:
         result = explain_many(model, x, methods, {"pred": None}, layer=layer or default_layer(arch))
     except ValueError as error:  # the engine's checks of the user's layer and model
         raise BadInput(" ".join(str(error).split())) from None
-    no_true_class = np.zeros(len(x), dtype=bool)  # only predicted-class maps: labels are unknown
-    save_overlays(out, x, torch.arange(len(x)), result, no_true_class, {})
+    folders = overlay_names(images)
+    save_explanations(out, x, result, folders)
     probs = result.probs
     table = pd.DataFrame(
         {
             "image": [str(p) for p in images],
+            "folder": folders,
             "prediction": [names[i] for i in result.predictions.tolist()],
             "confidence": probs.max(1).values.numpy().round(6),
-            "overlay_index": [f"{i:05d}" for i in range(len(x))],
         }
     )
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "predictions.csv", index=False)
     click.echo(table.to_string(index=False))
     click.echo(f"overlays in {out}")
+
+
+def _read_input_image(path: Path, size: int) -> Any:
+    """One input of `audit explain` as a (3, size, size) float tensor; BadInput naming the file
+    when it is missing, not a file, or not a decodable image."""
+    from PIL import Image
+
+    from audit.data.dataset import read_rgb, resize_image
+
+    if not path.exists():
+        raise BadInput(f"{path}: file not found")
+    if not path.is_file():
+        raise BadInput(f"{path}: not a file")
+    try:
+        return resize_image(read_rgb(str(path)), size).float() / 255
+    except (OSError, RuntimeError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BadInput(f"{path}: not a readable image: {reason}") from None

@@ -13,23 +13,33 @@ protected_regions = ["hair", "face"]   # regions tied to the protected attribute
 core_regions = ["stethoscope", "badge"]   # regions that should decide the class
 [[model]]                     # one table per model; two or more are compared
 name = "biased"
-arch = "small_cnn"            # the built-in GAP CNN, or any torchvision classifier name
+arch = "small_cnn"            # small_cnn, a torchvision name, timm:NAME, hf:FOLDER, python:MODULE:FN
 train_split = "train_biased"  # train on this split ...
 checkpoint = ""               # ... or load this file (a state dict, read with weights_only)
 trust = false                 # allow a pickled whole model (runs code from the file!)
+init = ""                     # training starts from a state dict PATH, or "pretrained" (downloads)
 layer = ""                    # explained layer; "" = the last conv feature map
 epochs = 10
 batch_size = 64
 lr = 0.003
+[model.kwargs]                # passed to the timm / torchvision / python: factory, e.g. img_size = 96
+[model.preprocess]            # unset keys: the source's own (timm, hf:), else squash, no normalisation
+resize = 64                   # int: shorter side; or [h, w]
+crop = 56                     # center crop, int or [h, w]
+mode = "crop"                 # "squash" | "crop" | "pad"
+interpolation = "bilinear"    # "bilinear" | "bicubic" | "nearest"
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
 [explain]
 methods = ["gradcam", "guided_gradcam"]
 samples_per_cell = 8          # per class x group cell, besides every misclassified image
 batch_size = 128
-[gates]                       # pre-release checks; leave one out to skip it
-min_worst_group_accuracy = 0.85
+[gates]                       # without this table every gate applies at its default;
+min_worst_group_accuracy = 0.85   # with it, only the gates given here apply
 max_accuracy_gap = 0.05
 max_protected_attention = 0.30
 max_flip_rate = 0.10
+defaults = false              # true: also every gate not given, at its default
 ```
 """
 
@@ -46,6 +56,7 @@ from typing import Any
 import tomllib
 
 from audit.explain import METHODS
+from audit.metrics.gates import GATES, resolve_gates
 
 
 class ConfigError(ValueError):
@@ -63,9 +74,24 @@ class DataConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """`[model.preprocess]`: unset keys (None / "") take the model source's defaults (timm's data
+    config, the hf: folder's image processor) or, without one, a squash to data.image_size with no
+    normalisation. Resolved and checked by audit.data.preprocess.resolve_preprocess."""
+
+    resize: int | list[int] | None = None  # int: the shorter side ("crop" mode); or [h, w]
+    crop: int | list[int] | None = None  # center crop
+    mode: str = ""  # "squash" | "crop" | "pad"
+    interpolation: str = ""  # "bilinear" | "bicubic" | "nearest"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    backend: str = ""  # "pil" (torchvision / timm on PIL images) | "torch" (transformers)
+
+
+@dataclass
 class ModelConfig:
     name: str = ""
-    arch: str = "small_cnn"
+    arch: str = "small_cnn"  # small_cnn | torchvision name | timm:NAME | hf:FOLDER | python:MOD:FN
     train_split: str = ""
     checkpoint: str = ""
     trust: bool = False
@@ -73,21 +99,38 @@ class ModelConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
+    init: str = ""  # training starts from: "" (random), a state dict PATH, or "pretrained"
+    kwargs: dict = field(default_factory=dict)  # passed to timm / torchvision / python: factories
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 @dataclass
 class ExplainConfig:
     methods: list[str] = field(default_factory=lambda: ["gradcam", "guided_gradcam"])
     samples_per_cell: int = 8
+    mistakes_per_cell: int = 4  # most confident mistakes shown per cell; the rest in mistakes.csv
     batch_size: int = 128
 
 
 @dataclass
 class GateConfig:
-    min_worst_group_accuracy: float | None = 0.85
-    max_accuracy_gap: float | None = 0.05
-    max_protected_attention: float | None = 0.30
-    max_flip_rate: float | None = 0.10
+    """The `[gates]` table: one field per gate of `audit.metrics.gates.GATES` (same name), None
+    when not given. Which gates apply is resolved by `check` (see audit.metrics.gates): without a
+    table all at their defaults, with one only those given (plus the defaults if `defaults`).
+    After `check`, every applying gate holds its threshold, `from_defaults` names those that
+    took the default, and `defaults` is False, so config.json records exactly what applied."""
+
+    min_worst_group_accuracy: float | None = None
+    max_accuracy_gap: float | None = None
+    max_protected_attention: float | None = None
+    max_flip_rate: float | None = None
+    defaults: bool = False
+    from_defaults: list[str] = field(default_factory=list)
+
+    def table(self) -> dict[str, Any]:
+        """The gates table as given: set thresholds and the two meta keys."""
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if v is not None}
 
 
 @dataclass
@@ -98,7 +141,7 @@ class AuditConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: list[ModelConfig] = field(default_factory=list)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
-    gates: GateConfig = field(default_factory=GateConfig)
+    gates: GateConfig = field(default_factory=lambda: GateConfig(defaults=True))
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     @property
@@ -111,7 +154,7 @@ class AuditConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("base_dir")
-        data["gates"] = {k: v for k, v in data["gates"].items() if v is not None}
+        data["gates"] = self.gates.table()
         return data
 
 
@@ -200,7 +243,7 @@ def check(config: AuditConfig) -> None:
             raise ConfigError(f"model[{i}].name is required")
         if names.count(model.name) > 1:
             raise ConfigError(f"model name {model.name!r} is used twice")
-        if not model.train_split and not model.checkpoint:
+        if not model.train_split and not model.checkpoint and not model.arch.startswith("hf:"):
             raise ConfigError(
                 f"model {model.name!r} needs train_split (to train it) or checkpoint (to load it)"
             )
@@ -210,6 +253,10 @@ def check(config: AuditConfig) -> None:
             )
         if model.epochs < 1 or model.batch_size < 1 or model.lr <= 0:
             raise ConfigError(f"model {model.name!r}: epochs, batch_size and lr must be positive")
+        if model.init and not model.train_split:
+            raise ConfigError(
+                f"model {model.name!r}: init sets the starting weights of training; give train_split"
+            )
     for method in config.explain.methods:
         if method not in METHODS:
             raise ConfigError(
@@ -219,11 +266,35 @@ def check(config: AuditConfig) -> None:
         config.explain.methods.insert(0, "gradcam")  # attention metrics are measured on Grad-CAM
     if config.explain.samples_per_cell < 0:
         raise ConfigError("explain.samples_per_cell must be >= 0")
+    if config.explain.mistakes_per_cell < 0:
+        raise ConfigError("explain.mistakes_per_cell must be >= 0")
+    if config.explain.batch_size < 1:
+        raise ConfigError("explain.batch_size must be >= 1")
     if config.data.image_size < 8:
         raise ConfigError("data.image_size must be at least 8")
     if config.bootstrap < 0:
         raise ConfigError("bootstrap must be >= 0")
+    _check_gates(config.gates)
     if not config.data.protected_regions:
         raise ConfigError(
             "data.protected_regions is empty: name the regions tied to the protected attribute"
         )
+
+
+def _check_gates(gates: GateConfig) -> None:
+    """Resolve which gates apply (see audit.metrics.gates) and check their thresholds' range."""
+    missing = [k for k in GATES if not hasattr(gates, k)]
+    if missing:  # a gate added to GATES without its GateConfig field
+        raise ConfigError(f"GateConfig lacks a field for gate(s) {', '.join(missing)}")
+    try:
+        resolved = resolve_gates(gates.table())
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for key, (threshold, _source) in resolved.items():
+        low, high = GATES[key].bounds
+        if not low <= threshold <= high:
+            raise ConfigError(f"gates.{key} must be between {low:g} and {high:g}, got {threshold}")
+    for key in GATES:
+        setattr(gates, key, resolved[key][0] if key in resolved else None)
+    gates.from_defaults = [k for k, (_t, source) in resolved.items() if source == "default"]
+    gates.defaults = False

@@ -1,62 +1,85 @@
-"""One audit end to end: data -> models -> explanations -> per-sample table -> aggregates -> report.
+"""One audit end to end: manifest -> models -> map (batches -> per-image rows) -> reduce -> report.
 
-Everything is written into a temporary folder beside the run folder and moved into place only when
-the run (report included) has finished, so an interrupted or failed run never leaves a folder that
-looks complete.
+Memory holds a batch, not the data set: the evaluation split is decoded in DataLoader workers and
+explained batch by batch (`audit.pipeline.map`), each shard of rows written to the hidden work folder;
+the images the report shows are chosen from those rows and explained again with every method
+(`audit.pipeline.gallery`); every metric comes from the rows (`audit.pipeline.reduce`). The map runs
+locally or on Ray (`audit.pipeline.ray_map`) with the same per-batch function. The work folder is
+moved into place only when the run (report included) has finished (`audit.pipeline.rundir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from audit import __version__
-from audit.config import AuditConfig
-from audit.data.dataset import SampleSet, load_samples
+from audit.config import AuditConfig, ModelConfig
 from audit.data.manifest import Manifest, read_manifest
-from audit.explain import CAMNotApplicableError, explain_many, mask_boxes
-from audit.metrics.aggregate import aggregate_attention, groups_of
-from audit.metrics.attention import as_heat, region_attention, union_region
-from audit.metrics.bootstrap import estimate, resample_weights, weighted_means
-from audit.metrics.counterfactual import counterfactual_images
+from audit.data.preprocess import Preprocess
+from audit.metrics.aggregate import groups_of
+from audit.metrics.bootstrap import resample_weights
 from audit.metrics.gates import evaluate_gates, verdicts
-from audit.metrics.performance import headline_samples, performance
-from audit.models.io import load_model, save_checkpoint, sha256
-from audit.models.train import TrainConfig, predict_logits, train_model
-from audit.models.zoo import build_model, check_arch, default_layer
-from audit.report.overlays import save_overlays, save_pairs
-from audit.report.render import MAX_FLIPPED_SHOWN
+from audit.models.io import read_state_dict, save_checkpoint, sha256
+from audit.models.sources import Prepared, build_model, check_arch, prepare_model
+from audit.models.train import TrainConfig, train_model
+from audit.models.zoo import default_layer
+from audit.pipeline import map as mapping
+from audit.pipeline.frames import FrameDataset, ImageDecodeError
+from audit.pipeline.gallery import (
+    MAX_FLIPPED_SHOWN,
+    cell_names,
+    choose_gallery,
+    choose_mistakes,
+    explain_details,
+)
+from audit.pipeline.map import CORE, PROTECTED, MapSpec
+from audit.pipeline.reduce import compare, model_metrics, region_areas
+from audit.pipeline.rundir import (
+    RunInterrupted,
+    check_target,
+    install,
+    list_files,
+    prepare_work,
+    sigterm_as_interrupt,
+    work_folder,
+)
 
-PROTECTED = "protected"  # union of the protected regions
-CORE = "core"  # union of the core regions
-METRICS_SCHEMA_VERSION = 1
+METRICS_SCHEMA_VERSION = 2
+SHARD_BATCHES = 16  # batches per shard: the unit of resumption
 
 
 class AuditError(ValueError):
     """A user-facing problem with the audit's inputs."""
 
 
-@dataclass
-class ModelResult:
-    name: str
-    samples: pd.DataFrame
-    metrics: dict[str, Any]
-    shares: dict[str, np.ndarray]  # region -> per eval image Grad-CAM share (for comparisons)
+@dataclasses.dataclass
+class RunOptions:
+    """How to run (not what to audit): these never change the results."""
+
+    device: str = "auto"
+    workers: int | None = None  # DataLoader workers; None = one per two cores, at most 4
+    ray: str | None = None  # None: local; "local": a local Ray; else a cluster address
+    resume: bool = False
+    force: bool = False
+    skip_bad_images: bool = False
+    progress: bool = True
+    render: bool = True
 
 
 class RunLog:
@@ -71,17 +94,41 @@ class RunLog:
         self.echo(message)
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` (a GPU when there is one), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AuditError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AuditError(f"--device {name}: no CUDA GPU is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AuditError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    elif device.type != "cpu":
+        raise AuditError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def default_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 2) // 2))
+
+
 def _check_regions(config: AuditConfig, manifest: Manifest) -> None:
     for key in ("protected_regions", "core_regions"):
         for region in getattr(config.data, key):
             if region not in manifest.regions:
                 known = ", ".join(manifest.regions) or "none"
                 raise AuditError(
-                    f"data.{key}: region {region!r} is not in {manifest.path} (regions: {known})"
+                    f"data.{key}: region {region!r} is not in {config.data.manifest} (regions: {known})"
                 )
 
 
-def _check_layer(name: str, arch: str, model: torch.nn.Module, layer: str | None) -> None:
+def _check_layer(name: str, arch: str, model: nn.Module, layer: str | None) -> None:
     modules = [n for n, _ in model.named_modules() if n]
     if layer is not None and layer not in modules:
         close = difflib.get_close_matches(layer, modules, n=3)
@@ -89,50 +136,29 @@ def _check_layer(name: str, arch: str, model: torch.nn.Module, layer: str | None
         raise AuditError(f"model {name!r}: unknown layer {layer!r} in {arch}{hint}")
 
 
-def _cells(samples: SampleSet) -> list[tuple[str, str]]:
-    rows = samples.rows
-    return sorted(
-        {(label, group) for label, group in zip(rows["label"], rows["group"], strict=True)}
-    )
-
-
-def choose_gallery(samples: SampleSet, per_cell: int, seed: int) -> np.ndarray:
-    """Eval-set positions shown for every model: `per_cell` random images of each class x group cell."""
-    rng = np.random.default_rng([seed, 17])
-    chosen = []
-    for label, group in _cells(samples):
-        members = np.flatnonzero(
-            ((samples.rows["label"] == label) & (samples.rows["group"] == group)).to_numpy()
-        )
-        chosen.extend(rng.choice(members, size=min(per_cell, len(members)), replace=False).tolist())
-    return np.array(sorted(chosen), dtype=np.int64)
-
-
 class Auditor:
-    """Runs one audit described by an AuditConfig into a run folder."""
+    """Runs one audit described by an AuditConfig into a work folder."""
 
-    def __init__(
-        self, config: AuditConfig, run_dir: Path, log: RunLog, progress: bool = True
-    ) -> None:
+    def __init__(self, config: AuditConfig, work: Path, log: RunLog, options: RunOptions) -> None:
         self.config = config
-        self.run_dir = run_dir
+        self.work = work
         self.log = log
-        self.progress = progress
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.workers = default_workers() if options.workers is None else options.workers
 
     # -- data -----------------------------------------------------------------------------
     def preflight(self) -> None:
         """Checks that need no data: fail before any work is done."""
         for spec in self.config.model:
-            check_arch(spec.arch)
-            if spec.layer:
-                _check_layer(spec.name, spec.arch, build_model(spec.arch, 2), spec.layer)
+            source = check_arch(spec.arch, self.config.base_dir)
+            if spec.layer and source.kind in ("small_cnn", "torchvision"):
+                model = build_model(spec.arch, 2, base_dir=self.config.base_dir, kwargs=spec.kwargs)
+                _check_layer(spec.name, spec.arch, model, spec.layer)
             if spec.checkpoint and not self.config.resolve(spec.checkpoint).is_file():
-                raise AuditError(
-                    f"model {spec.name!r}: checkpoint not found: {self.config.resolve(spec.checkpoint)}"
-                )
+                raise AuditError(f"model {spec.name!r}: checkpoint not found: {spec.checkpoint}")
         if not self.config.manifest_path.is_file():
-            raise AuditError(f"data.manifest: manifest not found: {self.config.manifest_path}")
+            raise AuditError(f"data.manifest: manifest not found: {self.config.data.manifest}")
 
     def load_data(self) -> None:
         config = self.config
@@ -142,54 +168,57 @@ class Auditor:
         self.classes = sorted(set(table["label"]))
         if len(self.classes) < 2:
             raise AuditError(
-                f"{self.manifest.path}: at least two classes are needed, found {self.classes}"
+                f"{config.data.manifest}: at least two classes are needed, found {self.classes}"
             )
+        self.groups = sorted(set(table["group"]) - {""})
         for model in config.model:
             if model.train_split:
                 self.manifest.split(model.train_split)
-        # Checkpoints are loaded now, so that a wrong one fails before any work is done.
-        self.loaded = {
-            spec.name: load_model(
-                self.config.resolve(spec.checkpoint), spec.arch, len(self.classes), trust=spec.trust
+        # Models are built or loaded now, so that a wrong checkpoint fails before any work is done.
+        self.prepared: dict[str, Prepared] = {}
+        for spec in config.model:
+            torch.manual_seed(config.seed)
+            prepared = prepare_model(
+                spec, self.classes, base_dir=config.base_dir, image_size=config.data.image_size
             )
-            for spec in config.model
-            if spec.checkpoint
-        }
-        for name, model in self.loaded.items():
-            if isinstance(model, torch.jit.ScriptModule):
+            if isinstance(prepared.model, torch.jit.ScriptModule):
                 raise AuditError(
-                    f"model {name!r} is a TorchScript file: Grad-CAM needs forward hooks, which "
+                    f"model {spec.name!r} is a TorchScript file: Grad-CAM needs forward hooks, which "
                     "ScriptModules do not support; give its state dict with arch instead"
                 )
-        size = config.data.image_size
-        self.eval = load_samples(
-            self.manifest, self.manifest.split(config.data.eval_split), self.classes, size
-        )
-        self.val = None
-        if config.data.val_split and (table["split"] == config.data.val_split).any():
-            self.val = load_samples(
-                self.manifest,
-                self.manifest.split(config.data.val_split),
-                self.classes,
-                size,
-                with_regions=False,
+            for message in prepared.messages:
+                self.log(f"{spec.name}: {message}")
+            self.prepared[spec.name] = prepared
+        self.eval_rows = self.manifest.split(config.data.eval_split)
+        self.unions = {
+            name: members
+            for name, members in (
+                (PROTECTED, config.data.protected_regions),
+                (CORE, config.data.core_regions),
             )
-        self.regions = {name: self.eval.regions[name] for name in self.manifest.regions}
-        self.present = dict(self.eval.region_present)
-        self.boxes = dict(self.eval.region_boxes)
-        for union, names in (
-            (PROTECTED, config.data.protected_regions),
-            (CORE, config.data.core_regions),
-        ):
-            if names:
-                masks, present = union_region(self.eval.regions, self.eval.region_present, names)
-                self.regions[union], self.present[union] = masks, present
-                self.boxes[union] = mask_boxes(masks)
+            if members
+        }
         self.log(
-            f"data: {len(self.manifest.table)} rows, eval split {config.data.eval_split!r} with {len(self.eval)} images, classes {self.classes}"
+            f"data: {len(table)} rows, eval split {config.data.eval_split!r} with "
+            f"{len(self.eval_rows)} images, classes {self.classes}"
         )
 
-    def data_summary(self) -> dict[str, Any]:
+    def frame(self, spec: ModelConfig) -> Preprocess:
+        """The model's own preprocessing: its geometry makes the frames the data set is read in."""
+        return self.prepared[spec.name].preprocess
+
+    def dataset(self, spec: ModelConfig, rows: pd.DataFrame, **kwargs: Any) -> FrameDataset:
+        return FrameDataset(
+            self.manifest,
+            rows,
+            self.classes,
+            self.frame(spec),
+            groups=self.groups,
+            skip_bad=self.options.skip_bad_images,
+            **kwargs,
+        )
+
+    def data_summary(self, areas: dict[str, float | None]) -> dict[str, Any]:
         table = self.manifest.table
         splits = {}
         for split, rows in table.groupby("split", sort=True):
@@ -216,297 +245,283 @@ class Auditor:
             "core_regions": self.config.data.core_regions,
             "eval_split": self.config.data.eval_split,
             "splits": splits,
-            # Mean share of the image a region covers: the share uniform attention would give it.
-            "region_area": {
-                region: round(float(masks[self.present[region]].float().mean()), 6)
-                if bool(self.present[region].any())
-                else None
-                for region, masks in self.regions.items()
-            },
+            "region_area": areas,
         }
 
     # -- models ---------------------------------------------------------------------------
-    def obtain_model(self, spec) -> tuple[torch.nn.Module, dict[str, Any]]:  # noqa: ANN001
-        info: dict[str, Any] = {"arch": spec.arch}
+    def obtain_model(self, spec: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
+        """Load or train a model; a trained one is saved first, so a resumed run reuses it."""
+        prepared = self.prepared[spec.name]
+        model = prepared.model
+        info: dict[str, Any] = {
+            "arch": spec.arch,
+            "source_kind": prepared.source.kind,
+            "preprocess": prepared.preprocess.to_dict(),
+        }
+        checkpoint = self.work / "models" / f"{spec.name}.pt"
+        history_file = checkpoint.with_suffix(".history.json")
+        resumed = self.options.resume and checkpoint.is_file() and history_file.is_file()
         if spec.checkpoint:
-            path = self.config.resolve(spec.checkpoint)
-            model = self.loaded[spec.name]
             info |= {
                 "source": "loaded",
                 "checkpoint": spec.checkpoint,
-                "checkpoint_sha256": sha256(path),
+                "checkpoint_sha256": sha256(self.config.resolve(spec.checkpoint)),
             }
+        elif not spec.train_split:
+            info |= {"source": "loaded", "checkpoint": spec.arch}
         else:
-            torch.manual_seed(self.config.seed)
-            model = build_model(spec.arch, len(self.classes))
-            train = load_samples(
-                self.manifest,
-                self.manifest.split(spec.train_split),
-                self.classes,
-                self.config.data.image_size,
-                with_regions=False,
-            )
-            model.to(self.device)
-            history = train_model(
-                model,
-                train.images,
-                train.labels,
-                TrainConfig(
-                    epochs=spec.epochs,
-                    batch_size=spec.batch_size,
-                    lr=spec.lr,
-                    seed=self.config.seed,
-                ),
-                val=(self.val.images, self.val.labels) if self.val is not None else None,
-                desc=f"train {spec.name}",
-                progress=self.progress,
-            )
-            info |= {
-                "source": "trained",
-                "train_split": spec.train_split,
-                "n_train": len(train),
-                "epochs": spec.epochs,
-                "history": {"loss": history.loss, "val_accuracy": history.val_accuracy},
-            }
+            info |= {"source": "trained", "train_split": spec.train_split, "epochs": spec.epochs}
+            train_rows = self.manifest.split(spec.train_split)
+            info["n_train"] = len(train_rows)
+            if spec.init:
+                info["init"] = spec.init
+            if resumed:
+                model.load_state_dict(read_state_dict(checkpoint))
+                info["history"] = json.loads(history_file.read_text())
+                self.log(f"{spec.name}: resumed with the model trained before the interruption")
+            else:
+                model.to(self.device)
+                val = None
+                if (
+                    self.config.data.val_split
+                    and (self.manifest.table["split"] == self.config.data.val_split).any()
+                ):
+                    val = self.dataset(spec, self.manifest.split(self.config.data.val_split))
+                with prepared.preprocess.attach(model):
+                    history = train_model(
+                        model,
+                        self.dataset(spec, train_rows),
+                        TrainConfig(
+                            epochs=spec.epochs,
+                            batch_size=spec.batch_size,
+                            lr=spec.lr,
+                            seed=self.config.seed,
+                        ),
+                        val=val,
+                        desc=f"train {spec.name}",
+                        progress=self.options.progress,
+                        device=self.device,
+                    )
+                info["history"] = {"loss": history.loss, "val_accuracy": history.val_accuracy}
         model.to(self.device).eval()
-        checkpoint = self.run_dir / "models" / f"{spec.name}.pt"
-        save_checkpoint(
-            model,
-            checkpoint,
-            arch=spec.arch,
-            classes=self.classes,
-            meta={"seed": self.config.seed, "config": dataclasses.asdict(spec)},
-        )
+        if not resumed:
+            save_checkpoint(
+                model,
+                checkpoint,
+                arch=spec.arch,
+                classes=self.classes,
+                meta={
+                    "seed": self.config.seed,
+                    "config": dataclasses.asdict(spec),
+                    "preprocess": info["preprocess"],
+                },
+            )
+            if spec.train_split:
+                history_file.write_text(json.dumps(info["history"]))
         info["saved_checkpoint"] = f"models/{spec.name}.pt"
         info["saved_checkpoint_sha256"] = sha256(checkpoint)
         return model, info
 
-    # -- explanations ----------------------------------------------------------------------
-    def explain_all(
-        self, name: str, model: torch.nn.Module, layer: str | None, gallery: np.ndarray
-    ) -> tuple[torch.Tensor, dict[str, np.ndarray], np.ndarray]:
-        """Grad-CAM (pred) for every eval image and every method (pred and, if wrong, true) for the
-        gallery and misclassified images. Returns logits, per-sample attention columns, explained mask."""
-        config, samples = self.config, self.eval
-        n = len(samples)
-        batch = config.explain.batch_size
-        methods = config.explain.methods
-        columns: dict[str, np.ndarray] = {}
-        logits_parts = []
-        gradcam_parts: list[torch.Tensor] = []
-        bar = tqdm(total=n, desc=f"explain {name}", unit="img", disable=not self.progress)
-        for start in range(0, n, batch):
-            x = samples.images[start : start + batch].to(self.device)
-            result = explain_many(model, x, ["gradcam"], {"pred": None}, layer=layer)
-            logits_parts.append(result.logits.cpu())
-            gradcam_parts.append(result.maps["gradcam", "pred"].cpu())
-            bar.update(len(x))
-        bar.close()
-        logits = torch.cat(logits_parts)
-        gradcam = torch.cat(gradcam_parts)
-        # Total Grad-CAM mass per image: 0 means the map is empty and every share is undefined.
-        columns["gradcam_mass"] = gradcam.flatten(1).sum(dim=1).numpy().astype(np.float64)
-        self._add_attention(columns, "gradcam", gradcam, np.arange(n), n)
-        predictions = logits.argmax(1)
-        wrong = (predictions != samples.labels).numpy()
-        explained = np.zeros(n, dtype=bool)
-        explained[gallery] = True
-        explained |= wrong
-        positions = np.flatnonzero(explained)
-        other_methods = [m for m in methods if m != "gradcam"]
-        cam_ok = True
-        for start in range(0, len(positions), batch):
-            pos = torch.from_numpy(positions[start : start + batch])
-            x = samples.images[pos].to(self.device)
-            run_methods = list(methods)
-            if "cam" in run_methods and not cam_ok:
-                run_methods.remove("cam")
-            targets = {
-                "pred": predictions[pos].to(self.device),
-                "true": samples.labels[pos].to(self.device),
-            }
-            try:
-                result = explain_many(model, x, run_methods, targets, layer=layer)
-            except CAMNotApplicableError as error:
-                self.log(f"{name}: CAM skipped: {error}")
-                cam_ok = False
-                run_methods.remove("cam")
-                result = explain_many(model, x, run_methods, targets, layer=layer)
-            for method in other_methods:
-                if (method, "pred") in result.maps:
-                    self._add_attention(
-                        columns, method, as_heat(result.maps[method, "pred"].cpu()), pos.numpy(), n
-                    )
-            save_overlays(
-                self.run_dir / "overlays" / name,
-                samples.images,
-                pos,
-                result,
-                wrong[pos.numpy()],
-                self.regions_for_overlay(),
-            )
-        return logits, columns, explained
-
-    def regions_for_overlay(self) -> dict[str, torch.Tensor]:
-        names = [*self.config.data.protected_regions, *self.config.data.core_regions]
-        return {r: self.eval.regions[r] for r in names}
-
-    def _add_attention(
-        self,
-        columns: dict[str, np.ndarray],
-        method: str,
-        heat: torch.Tensor,
-        positions: np.ndarray,
-        n: int,
-    ) -> None:
-        idx = torch.from_numpy(positions)
-        measures = region_attention(
-            heat,
-            {r: m[idx] for r, m in self.regions.items()},
-            {r: p[idx] for r, p in self.present.items()},
-            {r: b[idx] for r, b in self.boxes.items()},
+    # -- map ---------------------------------------------------------------------------------
+    def map_spec(self, spec: ModelConfig) -> MapSpec:
+        return MapSpec(
+            layer=spec.layer or default_layer(spec.arch),
+            regions=list(self.manifest.regions),
+            unions=self.unions,
+            counterfactual_union=PROTECTED,
+            batch_size=self.config.explain.batch_size,
         )
-        for region, values in measures.items():
-            for measure, tensor in values.items():
-                if measure == "iou" and method != "gradcam":
-                    continue
-                key = f"{measure}:{method}:{region}"
-                if key not in columns:
-                    columns[key] = np.full(n, np.nan)
-                columns[key][positions] = tensor.numpy()
+
+    def map_model(self, spec: ModelConfig, model: nn.Module) -> pd.DataFrame:
+        """Per-image rows of one model over the eval split, shard by shard (resumable)."""
+        map_spec = self.map_spec(spec)
+        dataset = self.dataset(
+            spec, self.eval_rows, regions=map_spec.regions, twins=self._has_twins()
+        )
+        n = len(dataset)
+        bounds = mapping.shard_bounds(n, map_spec.batch_size * SHARD_BATCHES)
+        folder = self.work / "shards" / spec.name
+        pending = list(mapping.pending_shards(folder, bounds))
+        if len(pending) < len(bounds):
+            self.log(f"{spec.name}: {len(bounds) - len(pending)} of {len(bounds)} shards resumed")
+        bar = tqdm(
+            total=n,
+            initial=n - sum(e - s for s, e in pending),
+            desc=f"explain {spec.name}",
+            unit="img",
+            disable=not self.options.progress,
+        )
+        try:
+            if self.options.ray:
+                from audit.pipeline.ray_map import RayError, ray_map
+
+                try:
+                    for b, table in ray_map(
+                        self.options.ray, model, map_spec, dataset, pending, self.workers or 1
+                    ):
+                        mapping.write_shard(table, mapping.shard_path(folder, b[0]))
+                        bar.update(b[1] - b[0])
+                except RayError as error:
+                    raise AuditError(str(error)) from None
+            else:
+                for b, table in mapping.map_shards(
+                    model, map_spec, dataset, pending, self.device, self.workers, bar.update
+                ):
+                    mapping.write_shard(table, mapping.shard_path(folder, b[0]))
+        finally:
+            bar.close()
+        return mapping.read_shards(folder, bounds)
+
+    def _has_twins(self) -> bool:
+        return bool(self.eval_rows["twin"].ne("").any()) or bool(self.unions.get(PROTECTED))
 
     # -- one model ---------------------------------------------------------------------------
-    def audit_model(self, spec, gallery: np.ndarray, weights: np.ndarray) -> ModelResult:  # noqa: ANN001
-        model, info = self.obtain_model(spec)
-        layer = spec.layer or default_layer(spec.arch)
-        _check_layer(spec.name, spec.arch, model, layer)
-        logits, columns, explained = self.explain_all(spec.name, model, layer, gallery)
-        samples = self.eval
-        probs = logits.softmax(1)
-        predictions = probs.argmax(1)
-        # Counterfactuals: twins where present, protected regions filled with the mean otherwise.
-        protected = self.regions.get(PROTECTED)
-        cf_images, source = counterfactual_images(
-            samples.images, samples.twins, samples.twin_present, protected
-        )
-        cf_pred = predict_logits(model, cf_images.to(self.device)).argmax(1).cpu()
-        flipped = (cf_pred != predictions).numpy().astype(np.float64)
-        shown = torch.from_numpy(np.flatnonzero(flipped)[:MAX_FLIPPED_SHOWN])
-        save_pairs(
-            self.run_dir / "overlays" / "counterfactuals" / spec.name,
-            samples.images[shown],
-            cf_images[shown],
-            shown,
-        )
-        rows = samples.rows
+    def sample_table(self, spec: ModelConfig, rows: pd.DataFrame) -> pd.DataFrame:
+        """samples.csv's rows of one model from its map rows (names instead of indices)."""
+        eval_rows = self.eval_rows.reset_index(drop=True)
+        bad = ~rows["ok"].to_numpy(bool)
         table = pd.DataFrame(
             {
                 "model": spec.name,
-                "image": rows["image"],
-                "label": rows["label"],
-                "group": rows["group"],
-                "split": rows["split"],
-                "prediction": [self.classes[i] for i in predictions.tolist()],
-                "confidence": probs.max(1).values.numpy().round(6),
-                "correct": (predictions == samples.labels).numpy(),
-                "counterfactual_prediction": [self.classes[i] for i in cf_pred.tolist()],
-                "counterfactual_source": np.where(source.numpy() == 1, "twin", "mean_fill"),
-                "flipped": flipped.astype(bool),
-                "explained": explained,
+                "image": eval_rows["image"],
+                "label": eval_rows["label"],
+                "group": eval_rows["group"],
+                "split": eval_rows["split"],
+                "prediction": np.array(self.classes, dtype=object)[rows["prediction"]],
+                "confidence": rows["confidence"].to_numpy(np.float64),
+                "correct": rows["correct"].to_numpy(bool),
             }
         )
-        table["gradcam_mass"] = np.round(columns.pop("gradcam_mass"), 6)
+        if "flipped" in rows:
+            table["counterfactual_prediction"] = np.array(self.classes, dtype=object)[
+                rows["counterfactual_prediction"]
+            ]
+            table["counterfactual_source"] = np.where(
+                rows["counterfactual_from_twin"].to_numpy(bool), "twin", "mean_fill"
+            )
+            table["flipped"] = rows["flipped"].to_numpy(bool)
+        table["explained"] = False
+        table["gradcam_mass"] = rows["gradcam_mass"].to_numpy(np.float64)
+        for column in rows.columns:
+            if column.split(":")[0] in ("share", "hit", "iou", "area"):
+                table[column] = rows[column].to_numpy(np.float64)
+        for extra in self.manifest.extra_columns:
+            table[f"extra:{extra}"] = eval_rows[extra].to_numpy()
+        return table[~bad].reset_index(drop=True) if bad.any() else table
+
+    def audit_model(
+        self, spec: ModelConfig, gallery: np.ndarray
+    ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
+        model, info = self.obtain_model(spec)
+        with self.prepared[spec.name].preprocess.attach(model):
+            return self._audit_model(spec, model, info, gallery)
+
+    def _audit_model(
+        self, spec: ModelConfig, model: nn.Module, info: dict[str, Any], gallery: np.ndarray
+    ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
+        layer = spec.layer or default_layer(spec.arch)
+        _check_layer(spec.name, spec.arch, model, layer)
+        rows = self.map_model(spec, model)
+        table = self.sample_table(spec, rows)
+        info["bad_images"] = int((~rows["ok"].to_numpy(bool)).sum())
+        if info["bad_images"]:
+            self.log(
+                f"{spec.name}: {info['bad_images']} images could not be decoded and were skipped"
+            )
+        eval_rows = self.eval_rows.reset_index(drop=True)
+        mistakes = choose_mistakes(
+            eval_rows,
+            rows["correct"].to_numpy(bool),
+            rows["confidence"].to_numpy(np.float64),
+            self.config.explain.mistakes_per_cell,
+        )
+        shown = np.array(sorted({p for cell in mistakes.values() for p in cell["shown"]}), int)
+        positions = np.union1d(gallery, shown).astype(np.int64)
+        flipped = (
+            np.flatnonzero(rows["flipped"].to_numpy(bool))[:MAX_FLIPPED_SHOWN]
+            if "flipped" in rows
+            else np.zeros(0, np.int64)
+        )
+        map_spec = self.map_spec(spec)
+        columns = explain_details(
+            spec.name,
+            model,
+            map_spec,
+            self.dataset(spec, self.eval_rows, regions=map_spec.regions, twins=self._has_twins()),
+            positions,
+            flipped,
+            rows["prediction"].to_numpy(),
+            self.config.explain.methods,
+            [*self.config.data.protected_regions, *self.config.data.core_regions],
+            self.work / "overlays",
+            self.device,
+            0,
+            self.log,
+        )
+        explained = np.zeros(len(rows), bool)
+        explained[positions] = True
+        keep = rows["ok"].to_numpy(bool)
+        table["explained"] = explained[keep]
         for key in sorted(
             columns, key=lambda k: (k.split(":")[1], k.split(":")[2], k.split(":")[0])
         ):
-            table[key] = np.round(columns[key], 6)
-        for extra in self.manifest.extra_columns:
-            table[f"extra:{extra}"] = rows[extra].to_numpy()
-        y_true = rows["label"].to_numpy()
-        y_pred = table["prediction"].to_numpy()
-        attention = {}
-        for method in self.config.explain.methods:
-            values = {}
-            for measure in ("share", "hit", "iou"):
-                for region in self.regions:
-                    key = f"{measure}:{method}:{region}"
-                    if key in columns:
-                        values[f"{region}|{measure}"] = columns[key]
-            # Grad-CAM covers every evaluated image; other methods the explained ones.
-            explained_rows = explained if method != "gradcam" else np.ones(len(rows), bool)
-            if values and explained_rows.any():
-                sub = rows[explained_rows].reset_index(drop=True)
-                sub_weights = (
-                    resample_weights(len(sub), len(weights), self.config.seed + 1)
-                    if method != "gradcam"
-                    else weights
-                )
-                attention[method] = aggregate_attention(
-                    {k: v[explained_rows] for k, v in values.items()}, sub, sub_weights
-                ) | {"n_images": int(explained_rows.sum())}
-        groups = groups_of(rows)
-        group_names = sorted(set(groups))
-        members = np.stack([groups == g for g in group_names]).astype(np.float64)
-        ones = np.ones((1, len(flipped)))
-        flip_point = weighted_means(flipped, members, ones)[0]
-        flip_boot = weighted_means(flipped, members, weights) if len(weights) else None
+            table[key] = columns[key][keep]
+        info["layer"] = layer
+        info["mistakes_shown"] = mistakes
+        return table, info, {"positions": positions, "model": model}
+
+    # -- all models ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        gallery = choose_gallery(
+            self.eval_rows.reset_index(drop=True), config.explain.samples_per_cell, config.seed
+        )
+        tables: dict[str, pd.DataFrame] = {}
+        infos: dict[str, dict[str, Any]] = {}
+        for spec in config.model:
+            tables[spec.name], infos[spec.name], _ = self.audit_model(spec, gallery)
+        images = set.intersection(*(set(t["image"] + "\0" + t["split"]) for t in tables.values()))
+        if any(len(t) != len(images) for t in tables.values()):  # bad images differ by frame
+            tables = {
+                k: t[(t["image"] + "\0" + t["split"]).isin(images)].reset_index(drop=True)
+                for k, t in tables.items()
+            }
+        # Metrics are reduced from exactly what samples.csv holds (6 decimals).
+        tables = {k: t.round(6) for k, t in tables.items()}
+        first = next(iter(tables.values()))
+        weights = resample_weights(len(first), config.bootstrap, config.seed)
+        models = {}
+        for name, table in tables.items():
+            metrics = model_metrics(
+                table, self.classes, config.explain.methods, weights, config.seed
+            )
+            models[name] = infos[name] | metrics
+            perf = metrics["performance"]
+            self.log(
+                f"{name}: accuracy {perf['accuracy']['value']:.3f}, "
+                f"worst group {perf['worst_group_accuracy']['value']:.3f}"
+            )
+        samples = pd.concat(tables.values(), ignore_index=True)
+        samples.to_csv(self.work / "samples.csv", index=False, lineterminator="\n")
+        mistakes = samples[~samples["correct"]].assign(cell=lambda t: cell_names(t))
+        mistakes.sort_values(
+            ["model", "cell", "confidence"], ascending=[True, True, False], kind="stable"
+        )[["model", "image", "label", "group", "prediction", "confidence"]].to_csv(
+            self.work / "mistakes.csv", index=False, lineterminator="\n"
+        )
+        shutil.rmtree(self.work / "shards", ignore_errors=True)
         metrics = {
-            **info,
-            "layer": layer,
-            "performance": performance(y_true, y_pred, groups, self.classes, weights),
-            "attention": attention,
-            "counterfactual": {
-                "flip_rate": estimate(
-                    flipped.mean(), weights @ flipped / len(flipped) if len(weights) else None
-                ),
-                "n": len(flipped),
-                "from_twins": int(source.sum()),
-                "per_group": {
-                    g: estimate(flip_point[i], None if flip_boot is None else flip_boot[:, i])
-                    for i, g in enumerate(group_names)
-                },
-            },
-            "explained_images": int(explained.sum()),
-            "misclassified_images": int((~table["correct"]).sum()),
+            "schema_version": METRICS_SCHEMA_VERSION,
+            "seed": config.seed,
+            "bootstrap": config.bootstrap,
+            "data": self.data_summary(region_areas(first)),
+            "gallery": [int(i) for i in gallery],
+            "models": models,
+            "comparisons": compare(tables, first, weights),
         }
-        shares = {r: columns[f"share:gradcam:{r}"] for r in self.regions}
-        self.log(
-            f"{spec.name}: accuracy {metrics['performance']['accuracy']['value']:.3f}, worst group {metrics['performance']['worst_group_accuracy']['value']:.3f}"
-        )
-        return ModelResult(spec.name, table, metrics, shares)
-
-
-def compare(
-    results: list[ModelResult], weights: np.ndarray, rows: pd.DataFrame
-) -> list[dict[str, Any]]:
-    """Differences (second minus first) between each model and the first, paired over the same images."""
-    comparisons = []
-    base = results[0]
-    n = len(rows)
-    everyone = np.ones((1, n))
-    groups = groups_of(rows)
-    headline = {
-        r.name: headline_samples(
-            r.samples["correct"].to_numpy(float), rows["label"].to_numpy(), groups, weights
-        )
-        for r in results
-    }
-    for other in results[1:]:
-        entry: dict[str, Any] = {"a": base.name, "b": other.name, "attention_share_difference": {}}
-        for region, values in base.shares.items():
-            diff = other.shares[region] - values
-            point = weighted_means(diff, everyone, np.ones((1, n)))[0, 0]
-            boot = weighted_means(diff, everyone, weights)[:, 0] if len(weights) else None
-            entry["attention_share_difference"][region] = estimate(point, boot)
-        for metric, a_values in headline[base.name].items():
-            diff = headline[other.name][metric] - a_values
-            entry[f"{metric}_difference"] = estimate(diff[0], diff[1:] if len(weights) else None)
-        flips = other.samples["flipped"].to_numpy(float) - base.samples["flipped"].to_numpy(float)
-        entry["flip_rate_difference"] = estimate(
-            flips.mean(), weights @ flips / n if len(weights) else None
-        )
-        comparisons.append(entry)
-    return comparisons
+        metrics["gates"] = evaluate_gates(metrics, config.to_dict()["gates"])
+        metrics["verdicts"] = verdicts(metrics["gates"], list(tables))
+        return _clean_nan(metrics)
 
 
 def software_versions() -> dict[str, str]:
@@ -556,89 +571,100 @@ def _clean_nan(value: Any) -> Any:
     return value
 
 
+def _identity(config: AuditConfig) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the config and the manifest."""
+    digest = hashlib.sha256(config.manifest_path.read_bytes()).hexdigest()
+    return {"audit": __version__, "config": config.to_dict(), "manifest_sha256": digest}
+
+
 def run_audit(
     config: AuditConfig,
     out: Path,
     *,
     echo: Callable[[str], None] = print,
-    progress: bool = True,
-    render: bool = True,
+    options: RunOptions | None = None,
+    progress: bool | None = None,
+    render: bool | None = None,
 ) -> Path:
-    """Run the audit into `out` (replaced when the run succeeds); returns the run folder."""
+    """Run the audit into `out`; returns the run folder. See RunOptions for resume, Ray, devices."""
+    options = dataclasses.replace(options or RunOptions())
+    if progress is not None:
+        options.progress = progress
+    if render is not None:
+        options.render = render
     started = time.time()
     out = Path(out)
-    if (
-        out.exists()
-        and not (out / "metrics.json").exists()
-        and (not out.is_dir() or any(out.iterdir()))
-    ):
-        raise AuditError(f"{out} exists and is not an audit run folder; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     log = RunLog(echo)
+    check_target(out, options.force)
+    auditor = Auditor(config, out, log, options)
+    auditor.preflight()
+    if options.ray:
+        from audit.pipeline.ray_map import RayError, connect
+
+        try:
+            connect(options.ray, auditor.workers or 1)
+        except RayError as error:
+            raise AuditError(str(error)) from None
+    work, resumed = prepare_work(out, _identity(config), resume=options.resume, force=options.force)
+    auditor.work = work
+    keep_work = False
     try:
-        torch.manual_seed(config.seed)
-        auditor = Auditor(config, work, log, progress)
-        auditor.preflight()
-        auditor.load_data()
-        n = len(auditor.eval)
-        weights = resample_weights(n, config.bootstrap, config.seed)
-        gallery = choose_gallery(auditor.eval, config.explain.samples_per_cell, config.seed)
-        results = [auditor.audit_model(spec, gallery, weights) for spec in config.model]
-        samples = pd.concat([r.samples for r in results], ignore_index=True)
-        samples.to_csv(work / "samples.csv", index=False, lineterminator="\n")
-        metrics = {
-            "schema_version": METRICS_SCHEMA_VERSION,
-            "seed": config.seed,
-            "bootstrap": config.bootstrap,
-            "data": auditor.data_summary(),
-            "gallery": [int(i) for i in gallery],
-            "models": {r.name: r.metrics for r in results},
-            "comparisons": compare(results, weights, auditor.eval.rows),
-        }
-        gate_config = {k: v for k, v in config.to_dict()["gates"].items()}
-        metrics["gates"] = evaluate_gates(metrics, gate_config)
-        metrics["verdicts"] = verdicts(metrics["gates"], [r.name for r in results])
-        metrics = _clean_nan(metrics)
-        (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        _write_json(work / "metrics.json", metrics)
-        _write_json(
-            work / "run.json",
-            {
+        with sigterm_as_interrupt():
+            if resumed:
+                log(f"resuming the unfinished run of {out}")
+            torch.manual_seed(config.seed)
+            auditor.load_data()
+            metrics = auditor.run()
+            (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            _write_json(work / "metrics.json", metrics)
+            for gate in metrics["gates"]:
+                status = "PASS" if gate["passed"] else "FAIL"
+                value = "n/a" if gate["value"] is None else f"{gate['value']:.3f}"
+                log(
+                    f"gate {status}: {gate['model']}: {gate['label']} {value} "
+                    f"(must be {gate['op']} {gate['threshold']})"
+                )
+            run_info = {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                "duration_s": round(time.time() - started, 2),
                 "device": str(auditor.device),
+                "workers": auditor.workers,
+                "ray": options.ray,
                 "manifest_sha256": sha256(auditor.manifest.path),
                 "dataset_sha256": auditor.manifest.checksum(),
                 "versions": software_versions(),
                 "platform": platform.platform(),
-            },
-        )
-        for gate in metrics["gates"]:
-            status = "PASS" if gate["passed"] else "FAIL"
-            value = "n/a" if gate["value"] is None else f"{gate['value']:.3f}"
-            log(
-                f"gate {status}: {gate['model']}: {gate['label']} {value} (must be {gate['op']} {gate['threshold']})"
-            )
-        (work / "run.log").write_text("\n".join(log.lines) + "\n")
-        if render:
-            from audit.report.render import render_report
-
-            render_report(work, echo=log)
+            }
+            _write_json(work / "run.json", run_info)
             (work / "run.log").write_text("\n".join(log.lines) + "\n")
-        _replace_dir(work, out)
+            if options.render:
+                from audit.report.render import render_report
+
+                render_report(work, echo=log)
+            run_info["duration_s"] = round(time.time() - started, 2)
+            (work / "run.log").write_text("\n".join(log.lines) + "\n")
+            run_info["files"] = sorted({*list_files(work), "run.json"} - {"resume.json"})
+            _write_json(work / "run.json", run_info)
+            install(work, out)
+    except KeyboardInterrupt:
+        keep_work = (work / "shards").exists() or (work / "models").exists()
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+            raise RunInterrupted(f"interrupted; nothing was written to {out}") from None
+        raise RunInterrupted(
+            f"interrupted; the finished part is kept in {work_folder(out)} - continue with "
+            f"the same command and --resume"
+        ) from None
+    except ImageDecodeError as error:
+        raise AuditError(
+            f"{error}; nothing was lost: fix or remove the image and continue with --resume, "
+            "or add --skip-bad-images"
+        ) from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        if options.ray == "local":
+            from audit.pipeline.ray_map import shutdown
+
+            shutdown()
     return out
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move a finished folder into place, replacing an earlier run of the same name."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)

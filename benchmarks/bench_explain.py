@@ -5,6 +5,9 @@ interleaved (round-robin) so that machine noise hits each alike; medians are pri
 images/second, the ratio to one inference forward (the floor), the ratio to each library, and the
 per-image Pearson correlation of each library's Grad-CAM with this engine's.
 Libraries (pytorch-grad-cam, captum, torchcam) are used when installed: `pip install -e '.[bench]'`.
+The ViT and Swin rows (timm, random weights, 224 x 224) explain the engine's default layer, which
+it finds and reads (tokens, prefix tokens, patch grid) by itself; pytorch-grad-cam is given the
+reshape_transform its documentation prescribes. `--only transformers` runs just those rows.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ def _per_image_correlation(a: torch.Tensor, b: torch.Tensor) -> tuple[float, flo
     return float(corr.nanmedian()), float(corr[~corr.isnan()].min())
 
 
-def library_runners(model, layer, x, targets) -> dict[str, Callable[[], torch.Tensor]]:  # noqa: ANN001
+def library_runners(  # noqa: ANN001
+    model, layer, x, targets, reshape=None, maps_only=False
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each installed library's Grad-CAM. `reshape` is the reshape_transform pytorch-grad-cam needs
+    for tokens / channels-last layers; `maps_only` skips captum and torchcam, which take the
+    layer output as (N, C, h, w) and have no such hook (on tokens their maps would be wrong)."""
     runners: dict[str, Callable[[], torch.Tensor]] = {}
     size = x.shape[2:]
     try:
@@ -40,7 +48,7 @@ def library_runners(model, layer, x, targets) -> dict[str, Callable[[], torch.Te
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         def pgc() -> torch.Tensor:
-            with GradCAM(model=model, target_layers=[layer]) as cam:
+            with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
                 out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
             model.zero_grad(set_to_none=True)
             return torch.from_numpy(out)
@@ -48,6 +56,8 @@ def library_runners(model, layer, x, targets) -> dict[str, Callable[[], torch.Te
         runners["pytorch-grad-cam GradCAM"] = pgc
     except ImportError:
         pass
+    if maps_only:
+        return runners
     try:
         from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
 
@@ -78,8 +88,16 @@ def library_runners(model, layer, x, targets) -> dict[str, Callable[[], torch.Te
 
 
 def bench(
-    name: str, model: torch.nn.Module, layer_name: str, x: torch.Tensor, repeats: int, gap: bool
+    name: str,
+    model: torch.nn.Module,
+    layer_name: str,
+    x: torch.Tensor,
+    repeats: int,
+    gap: bool,
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
+    """Time the engine against one forward and the libraries; `reshape` is only for the libraries
+    (the engine reads tokens and channels-last maps by itself)."""
     model.eval()
     layer = dict(model.named_modules())[layer_name]
     with torch.no_grad():
@@ -105,7 +123,7 @@ def bench(
             model, x, bundle_methods, {"pred": None, "true": true}, layer=layer_name
         ),
     }
-    libs = library_runners(model, layer, x, preds)
+    libs = library_runners(model, layer, x, preds, reshape, maps_only=reshape is not None)
     runs = {**ours, **libs}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up
@@ -127,6 +145,10 @@ def bench(
         print(
             f"| {key} | {value:.3f} | {x.shape[0] / value:.0f} | {value / floor:.2f} | {value / fb:.2f} |"
         )
+    layout = explain_many(model, x[:1], ["gradcam"], layer=layer_name).layout
+    print(f"- layer output read as: {layout.describe()}")
+    if reshape is not None:
+        print("- captum / torchcam: not run (no reshape of tokens or channels-last maps)")
     reference = explain(model, x, "gradcam", layer=layer_name, targets=preds)
     ggc_ref = explain(model, x, "guided_gradcam", layer=layer_name, targets=preds)
     for key, fn in libs.items():
@@ -141,24 +163,66 @@ def bench(
         )
 
 
+def vit_reshape(prefix: int, height: int, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pytorch-grad-cam's documented ViT reshape_transform (drop prefix tokens, grid, NCHW)."""
+
+    def transform(tensor: torch.Tensor) -> torch.Tensor:
+        result = tensor[:, prefix:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+
+    return transform
+
+
+def bench_transformers(names: list[str], repeats: int, batch: int) -> None:
+    """timm ViT and Swin rows (random weights, 224 x 224): the engine's default layer, found and
+    read by itself; pytorch-grad-cam gets its documented reshape_transform."""
+    import timm
+
+    for name in names:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+        x = torch.rand(batch, 3, 224, 224)
+        layer = explain_many(model, x[:1], ["gradcam"]).layer
+        if name.startswith("swin"):
+            reshape = vit_reshape(0, 7, 7)  # = swinT_reshape_transform at 224
+        else:
+            reshape = vit_reshape(model.num_prefix_tokens, 14, 14)
+        bench(name, model, layer, x, repeats, gap=False, reshape=reshape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small CNN only")
+    parser.add_argument(
+        "--only",
+        choices=["cnn", "transformers"],
+        help="only the CNN rows (small_cnn, resnet18) or only the ViT / Swin rows",
+    )
+    parser.add_argument("--batch", type=int, default=16, help="batch of the ViT / Swin rows")
     args = parser.parse_args()
     torch.manual_seed(0)
-    small = SmallCNN(num_classes=2)
-    bench(
-        "small_cnn (the audit's GAP CNN)",
-        small,
-        "features",
-        torch.rand(64, 3, 64, 64),
-        args.repeats * 4,
-        gap=True,
-    )
-    if not args.quick:
+    if args.only != "transformers":
+        small = SmallCNN(num_classes=2)
+        bench(
+            "small_cnn (the audit's GAP CNN)",
+            small,
+            "features",
+            torch.rand(64, 3, 64, 64),
+            args.repeats * 4,
+            gap=True,
+        )
+    if args.quick:
+        return
+    if args.only != "transformers":
         resnet = torchvision.models.resnet18(num_classes=1000)
         bench("resnet18", resnet, "layer4", torch.rand(32, 3, 224, 224), args.repeats, gap=True)
+    if args.only != "cnn":
+        bench_transformers(
+            ["vit_tiny_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224"],
+            args.repeats,
+            args.batch,
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,15 @@ from PIL import Image
 
 from audit.data.dataset import ManifestDataset, load_samples
 from audit.data.doctor_nurse import DoctorNurseSpec, generate, split_plan
-from audit.data.draw import PROTECTED_PARTS, render, sample_params
+from audit.data.draw import (
+    AGES,
+    ATTRIBUTE_PARTS,
+    JOB_CUES,
+    PROTECTED_PARTS,
+    SEXES,
+    render,
+    sample_params,
+)
 from audit.data.manifest import ManifestError, read_manifest, validate
 from tests.conftest import SMALL
 
@@ -28,24 +36,35 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 def test_split_proportions_match_the_request(small_dataset):
     table = pd.read_csv(small_dataset, keep_default_na=False)
-    counts = table.groupby(["split", "label", "group"]).size()
+    counts = table.groupby(["split", "label", "group:sex", "group:age"]).size()
     for split, cells in split_plan(SMALL).items():
-        for (label, group), expected in cells.items():
-            assert counts.get((split, label, group), 0) == expected
+        for cell, expected in cells.items():
+            assert counts.get((split, *cell), 0) == expected
     biased = table[table["split"] == "train_biased"]
     doctors = biased[biased["label"] == "doctor"]
     nurses = biased[biased["label"] == "nurse"]
-    assert abs((doctors["group"] == "male").mean() - 0.78) <= 0.5 / len(doctors)
-    assert abs((nurses["group"] == "female").mean() - 0.93) <= 0.5 / len(nurses)
+    assert abs((doctors["group:sex"] == "male").mean() - 0.78) <= 0.5 / len(doctors)
+    assert abs((nurses["group:sex"] == "female").mean() - 0.93) <= 0.5 / len(nurses)
+    # Age is rounded within each sex: at most one image off per sex.
+    assert abs((doctors["group:age"] == "old").mean() - 0.7) <= 1 / len(doctors)
+    assert abs((nurses["group:age"] == "young").mean() - 0.7) <= 1 / len(nurses)
+    assert (table["group"] == table["group:sex"]).all()
     for split in ("train_balanced", "val", "test"):
         rows = table[table["split"] == split]
-        assert rows.groupby(["label", "group"]).size().nunique() == 1  # balanced over the 4 cells
+        sizes = rows.groupby(["label", "group:sex", "group:age"]).size()
+        assert len(sizes) == 8 and sizes.nunique() == 1  # balanced over the 8 cells
 
 
 def test_custom_bias_is_respected():
-    plan = split_plan(DoctorNurseSpec(n_train=1000, doctor_male=0.9, nurse_female=0.6))
-    assert plan["train_biased"]["doctor", "male"] == 450
-    assert plan["train_biased"]["nurse", "female"] == 300
+    spec = DoctorNurseSpec(
+        n_train=1000, doctor_male=0.9, nurse_female=0.6, doctor_old=0.8, nurse_young=0.5
+    )
+    plan = split_plan(spec)["train_biased"]
+    assert plan["doctor", "male", "young"] + plan["doctor", "male", "old"] == 450
+    assert plan["nurse", "female", "young"] + plan["nurse", "female", "old"] == 300
+    assert plan["doctor", "male", "old"] == 360 and plan["doctor", "female", "old"] == 40
+    assert plan["nurse", "female", "young"] == 150 and plan["nurse", "male", "young"] == 100
+    assert sum(plan.values()) == 1000
 
 
 def test_masks_are_non_empty_and_inside_the_person_box(small_dataset):
@@ -58,44 +77,120 @@ def test_masks_are_non_empty_and_inside_the_person_box(small_dataset):
             row[f"mask:{job}"]
             and not row[f"mask:{'badge' if job == 'stethoscope' else 'stethoscope'}"]
         )
-        for column in ("mask:hair", "mask:face", "mask:clothes", f"mask:{job}"):
+        assert bool(row["mask:wrinkles"]) == (row["group:age"] == "old")
+        columns = ["mask:hair", "mask:face", "mask:clothes", f"mask:{job}"]
+        for column in columns + (["mask:wrinkles"] if row["mask:wrinkles"] else []):
             mask = np.asarray(Image.open(root / row[column])) > 0
             assert mask.any(), (row["image"], column)
             ys, xs = np.nonzero(mask)
             assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
+        if row["mask:wrinkles"]:  # the wrinkles are drawn on the face and counted in its mask
+            wrinkles = np.asarray(Image.open(root / row["mask:wrinkles"])) > 0
+            face = np.asarray(Image.open(root / row["mask:face"])) > 0
+            assert not (wrinkles & ~face).any()
 
 
-def test_twins_differ_only_inside_the_protected_regions():
+def _union(masks: list[dict[str, np.ndarray]], parts: tuple[str, ...]) -> np.ndarray:
+    union = np.zeros_like(masks[0]["person"])
+    for m in masks:
+        for part in parts:
+            union |= m[part]
+    return union
+
+
+def test_twins_differ_only_inside_their_attribute_regions():
     for seed in range(40):
         params = sample_params(np.random.default_rng(seed), 64)
-        for label in ("doctor", "nurse"):
-            a, masks_a = render(params, label, "male")
-            b, masks_b = render(params, label, "female")
-            diff = (np.asarray(a) != np.asarray(b)).any(axis=2)
-            protected = np.zeros_like(diff)
-            for part in PROTECTED_PARTS:
-                protected |= masks_a[part] | masks_b[part]
-            assert diff.any()
-            assert not (diff & ~protected).any(), (seed, label)
+        for label, cue in JOB_CUES.items():
+            for age in AGES:  # sex twins, at either age
+                a, masks_a = render(params, label, "male", age)
+                b, masks_b = render(params, label, "female", age)
+                diff = (np.asarray(a) != np.asarray(b)).any(axis=2)
+                assert diff.any()
+                assert not (diff & ~_union([masks_a, masks_b], PROTECTED_PARTS)).any()
+                assert not (diff & ~_union([masks_a, masks_b], ATTRIBUTE_PARTS["sex"])).any()
+                assert (masks_a[cue] == masks_b[cue]).all() and not (diff & masks_a[cue]).any()
+            for sex in SEXES:  # age twins, of either sex: only hair colour and wrinkles change
+                a, masks_a = render(params, label, sex, "young")
+                b, masks_b = render(params, label, sex, "old")
+                diff = (np.asarray(a) != np.asarray(b)).any(axis=2)
+                assert diff.any() and masks_b["wrinkles"].any() and not masks_a["wrinkles"].any()
+                assert not (diff & ~_union([masks_a, masks_b], ATTRIBUTE_PARTS["age"])).any()
+                assert (masks_a["hair"] == masks_b["hair"]).all()
+                assert (masks_a[cue] == masks_b[cue]).all() and not (diff & masks_a[cue]).any()
 
 
-def test_every_test_image_has_a_twin_file_with_the_other_group(small_dataset):
+def test_every_test_image_has_a_sex_twin_and_an_age_twin(small_dataset):
     table = pd.read_csv(small_dataset, keep_default_na=False)
     test = table[table["split"] == "test"]
-    assert (test["twin"] != "").all()
-    assert (table[table["split"] != "test"]["twin"] == "").all()
+    for column in ("twin", "twin:sex", "twin:age"):
+        assert (test[column] != "").all()
+        assert (table[table["split"] != "test"][column] == "").all()
+    assert (table["twin"] == table["twin:sex"]).all()
     root = small_dataset.parent
+
+    def read(value: str) -> np.ndarray:
+        return np.asarray(Image.open(root / value))
+
     for row in test.head(10).to_dict("records"):
-        original = np.asarray(Image.open(root / row["image"]))
-        twin = np.asarray(Image.open(root / row["twin"]))
-        hair_face = np.zeros(original.shape[:2], bool)
-        for part in ("hair", "face"):
-            hair_face |= np.asarray(Image.open(root / row[f"mask:{part}"])) > 0
-        changed = (original != twin).any(axis=2)
+        original = read(row["image"])
+        hair_face = (read(row["mask:hair"]) > 0) | (read(row["mask:face"]) > 0)
+        changed = (original != read(row["twin:sex"])).any(axis=2)
         assert changed.any()
         # Outside the original's protected regions a change can only come from the twin's longer
         # (or shorter) hair, which lies in the upper body; the lower image is identical.
         assert not changed[48:][~hair_face[48:]].any()
+        # The age twin keeps the hair's shape: only hair colour and the wrinkles change.
+        changed = (original != read(row["twin:age"])).any(axis=2)
+        assert changed.any() and not (changed & ~hair_face).any()
+
+
+def test_twins_leave_every_pixel_of_the_job_cue_unchanged(small_dataset):
+    table = pd.read_csv(small_dataset, keep_default_na=False)
+    test = table[table["split"] == "test"]
+    root = small_dataset.parent
+
+    def read(value: str) -> np.ndarray:
+        return np.asarray(Image.open(root / value))
+
+    checked = 0
+    for row in test.to_dict("records"):
+        cue = read(row[f"mask:{JOB_CUES[row['label']]}"]) > 0
+        assert cue.sum() >= 10
+        original = read(row["image"])
+        for column in ("twin:sex", "twin:age"):
+            assert (read(row[column])[cue] == original[cue]).all(), (row["image"], column)
+            checked += 1
+    assert checked == 2 * len(test) > 0
+
+
+def test_the_job_cue_is_equally_visible_in_every_group(small_dataset):
+    """Mean visible cue pixels (from the mask files) within 5% between the groups of each
+    attribute, per split and class; the old drawing, with long hair over the stethoscope, gave
+    about 20 pixels for women against 37 for men."""
+    table = pd.read_csv(small_dataset, keep_default_na=False)
+    root = small_dataset.parent
+    table["cue"] = [
+        int((np.asarray(Image.open(root / row[f"mask:{JOB_CUES[row['label']]}"])) > 0).sum())
+        for row in table.to_dict("records")
+    ]
+    for attribute in ("group:sex", "group:age"):
+        means = table.groupby(["split", "label", attribute])["cue"].mean().unstack(attribute)
+        assert means.shape == (8, 2) and not means.isna().any().any()
+        gap = (means.max(axis=1) - means.min(axis=1)) / means.mean(axis=1)
+        assert (gap <= 0.05).all(), means
+
+
+def test_generated_manifest_has_two_valid_attributes(small_dataset):
+    assert validate(small_dataset) == []
+    manifest = read_manifest(small_dataset)
+    assert manifest.attributes == ["sex", "age"]
+    assert manifest.group_column("age") == "group:age"
+    assert manifest.twin_columns == {"sex": "twin:sex", "age": "twin:age"}
+    assert set(manifest.table["group:age"]) == set(AGES)
+    assert (manifest.table["group"] == manifest.table["group:sex"]).all()
+    assert "wrinkles" in manifest.regions
+    assert manifest.extra_columns == ["job_cue"]
 
 
 def test_same_seed_gives_identical_files_and_another_seed_other_people(tmp_path):
@@ -120,6 +215,8 @@ def test_generation_refuses_to_overwrite_and_leaves_no_partial_folder(tmp_path):
         generate(spec, tmp_path / "d", progress=False)
     with pytest.raises(ValueError, match="doctor_male"):
         generate(DoctorNurseSpec(doctor_male=1.5), tmp_path / "e", progress=False)
+    with pytest.raises(ValueError, match="doctor_old"):
+        generate(DoctorNurseSpec(doctor_old=-0.1), tmp_path / "e", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 

@@ -169,3 +169,91 @@ def test_attention_aggregates_by_hand():
         out["overall"]["hair"]["share"]["ci_high"],
     )
     assert 0.2 <= low <= 0.4 <= high <= 0.6
+
+
+def test_performance_min_cell_size_marks_and_skips_small_cells():
+    # cells: a/x 3 images (2 right), a/y 1 (0 right), b/x 2 (2 right), b/y 4 (3 right)
+    y_true = np.array(list("aaaa") + list("bbbbbb"))
+    groups = np.array(["x", "x", "x", "y", "x", "x", "y", "y", "y", "y"])
+    y_pred = np.array(list("aabb") + list("bb") + list("bbba"))
+    weights = resample_weights(10, 50, 0)
+    everything = performance(y_true, y_pred, groups, ["a", "b"], weights)
+    assert everything["worst_group_accuracy"]["value"] == 0.0  # a/y, one image
+    assert everything["worst_group_accuracy"]["cell"] == "a / y"
+    result = performance(y_true, y_pred, groups, ["a", "b"], weights, min_cell_size=3)
+    assert result["per_cell"]["a / y"] == everything["per_cell"]["a / y"] | {"too_few": True}
+    assert result["per_cell"]["b / x"]["too_few"] is True
+    assert result["worst_group_accuracy"]["cell"] == "a / x"
+    assert result["worst_group_accuracy"]["value"] == pytest.approx(2 / 3)
+    assert result["worst_group_accuracy"]["skipped"] == 2
+    # groups x: 4 of 5 right, y: 3 of 5; both have >= 3 images
+    assert result["accuracy_gap"]["value"] == pytest.approx(0.2)
+    assert result["classes_worst_first"] == ["a", "b"]  # a 2/4, b 5/6
+    assert result["top_confusions"] == [
+        {"true": "a", "predicted": "b", "count": 2, "share": 0.5},
+        {"true": "b", "predicted": "a", "count": 1, "share": pytest.approx(1 / 6)},
+    ]
+
+
+def test_headline_samples_agree_with_performance():
+    from audit.metrics.performance import headline_samples
+
+    rng = np.random.default_rng(5)
+    y_true = rng.choice(["a", "b", "c"], 300)
+    groups = rng.choice(["x", "y"], 300)
+    y_pred = np.where(rng.random(300) < 0.7, y_true, "a")
+    weights = resample_weights(300, 80, 1)
+    for min_size in (0, 60):
+        perf = performance(y_true, y_pred, groups, ["a", "b", "c"], weights, min_cell_size=min_size)
+        rows = headline_samples(y_true == y_pred, y_true, groups, weights, min_cell_size=min_size)
+        for key in ("accuracy", "worst_group_accuracy", "accuracy_gap"):
+            assert rows[key].shape == (81,)
+            assert rows[key][0] == pytest.approx(perf[key]["value"])
+            assert np.percentile(rows[key][1:], [2.5, 97.5]) == pytest.approx(
+                [perf[key]["ci_low"], perf[key]["ci_high"]]
+            )
+
+
+def test_flip_summary_by_hand():
+    from audit.metrics.counterfactual import flip_summary
+
+    flipped = np.array([1, 0, 0, 1, 1, 0], dtype=bool)
+    groups = np.array(["f", "f", "f", "m", "m", ""])
+    out = flip_summary(flipped, groups, resample_weights(6, 30, 0), from_twins=4, min_cell_size=2)
+    assert out["flip_rate"]["value"] == pytest.approx(0.5)
+    assert (out["n"], out["from_twins"]) == (6, 4)
+    assert out["per_group"]["f"]["value"] == pytest.approx(1 / 3)
+    assert out["per_group"]["m"]["value"] == 1.0 and out["per_group"]["m"]["n"] == 2
+    assert out["per_group"]["(none)"]["too_few"] is True
+
+
+def test_attention_aggregates_by_attribute_column():
+    import pandas as pd
+
+    from audit.metrics.aggregate import aggregate_attention
+
+    rows = pd.DataFrame(
+        {"label": ["a", "a", "b", "b"], "group": ["x"] * 4, "group:age": ["old", "", "old", None]}
+    )
+    share = np.array([0.2, 0.4, 0.6, 0.8])
+    out = aggregate_attention(
+        {"hair|share": share}, rows, np.zeros((0, 4)), group_column="group:age"
+    )
+    assert out["per_group"]["old"]["hair"]["share"]["value"] == pytest.approx(0.4)
+    assert out["per_group"]["(none)"]["hair"]["share"]["value"] == pytest.approx(0.6)
+    assert out["per_cell"]["b / (none)"]["hair"]["share"]["n"] == 1
+
+
+def test_column_percentiles_equal_numpy_nanpercentile():
+    from audit.metrics.bootstrap import CI_QUANTILES, column_percentiles
+
+    rng = np.random.default_rng(0)
+    samples = rng.random((301, 40))
+    samples[rng.random(samples.shape) < 0.3] = np.nan
+    samples[:, 3] = np.nan  # no finite value
+    samples[:-1, 4], samples[-1, 4] = np.nan, 0.5  # one finite value
+    got = column_percentiles(samples, CI_QUANTILES)
+    assert np.isnan(got[:, 3]).all() and got[0, 4] == got[1, 4] == 0.5
+    keep = np.arange(40) != 3
+    expected = np.nanpercentile(samples[:, keep], CI_QUANTILES, axis=0)
+    assert got[:, keep] == pytest.approx(expected)

@@ -11,6 +11,7 @@ import pandas as pd
 from click.testing import CliRunner
 
 from audit.cli import main
+from audit.report.render import VOLATILE
 from tests.conftest import write_config
 
 SECTIONS = [
@@ -78,7 +79,7 @@ def _open(html: Path, width: int, height: int, screenshot: Path | None = None) -
 
 def test_demo_report_in_a_real_browser(demo_run, tmp_path):
     html = demo_run / "report.html"
-    assert html.stat().st_size < 10_000_000
+    assert html.stat().st_size < 3_000_000  # small JPEG thumbnails, capped mistake gallery
     wide = _open(html, 1400, 1000, screenshot=tmp_path / "report-wide.png")
     phone = _open(html, 390, 844, screenshot=tmp_path / "report-phone.png")
     for name in ("report-wide.png", "report-phone.png"):
@@ -101,7 +102,7 @@ def test_demo_pdf_pages_and_headings(demo_run, tmp_path):
         [_tool("pdfinfo"), str(pdf)], capture_output=True, text=True, check=True
     ).stdout
     pages = int(re.search(r"Pages:\s+(\d+)", info).group(1))
-    assert pages >= 8  # every section starts on a new page
+    assert 8 <= pages < 25  # most sections start on a new page; the demo stays short
     subprocess.run(
         [_tool("pdftoppm"), "-r", "30", "-png", str(pdf), str(tmp_path / "page")], check=True
     )
@@ -120,7 +121,8 @@ def _hostile_dataset(small_dataset: Path, root: Path) -> Path:
     shutil.copytree(small_dataset.parent, root)
     table = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
     table["label"] = table["label"].replace({"doctor": '<script>alert("doc")</script>'})
-    table["group"] = table["group"].replace({"female": "fe\"ma'le"})
+    for column in [c for c in table.columns if c == "group" or c.startswith("group:")]:
+        table[column] = table[column].replace({"female": "fe\"ma'le"})
     table = table.rename(columns={"mask:hair": "mask:<i>hair</i>"})
     table.to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"
@@ -173,9 +175,11 @@ def test_rerendering_is_byte_identical_but_for_the_time(demo_run, tmp_path):
     result = CliRunner().invoke(main, ["report", str(run), "--no-pdf"])
     assert result.exit_code == 0, result.output
     second = (run / "report.html").read_text()
-    strip = lambda text: re.sub(r"Generated [^<]* by audit", "Generated", text)  # noqa: E731
+    strip = lambda text: VOLATILE.sub("", text)  # noqa: E731  (render and run times)
     assert first != "" and strip(first) == strip(second)
-    assert sum(a != b for a, b in zip(first.splitlines(), second.splitlines(), strict=True)) <= 1
+    # Only the times differ: the generation time and the run's duration (added to run.json after
+    # the runner rendered the page).
+    assert sum(a != b for a, b in zip(first.splitlines(), second.splitlines(), strict=True)) <= 2
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):

@@ -116,9 +116,26 @@ def test_run_folder_contents(small_run, small_dataset):
     assert not (guided & ~explained).any()
     assert (guided | ~explained | (mass == 0)).all()
     assert explained.sum() >= 2 * 2 * 4  # samples_per_cell for each of the 4 cells, both models
+    # The misclassified gallery: the most confident mistakes of each cell, capped; all in mistakes.csv.
     wrong = samples[(samples["correct"].astype(str) == "False") & (samples["model"] == "a")]
-    for position in wrong.index[:5]:
-        assert (small_run / "overlays" / "a" / "gradcam" / "true" / f"{position:05d}.png").is_file()
+    shown = metrics["models"]["a"]["mistakes_shown"]
+    assert sum(cell["n"] for cell in shown.values()) == len(wrong) > 0
+    true_maps = small_run / "overlays" / "a" / "gradcam" / "true"
+    for cell, entry in shown.items():
+        assert len(entry["shown"]) == min(entry["n"], 4)
+        confidences = [samples.loc[p, "confidence"] for p in entry["shown"]]
+        assert confidences == sorted(confidences, reverse=True)
+        assert all(
+            samples.loc[p, "label"] + " / " + samples.loc[p, "group"] == cell
+            for p in entry["shown"]
+        )
+        for position in entry["shown"]:
+            assert (true_maps / f"{position:05d}.png").is_file()
+    drawn = {int(p.stem) for p in true_maps.glob("*.png")}
+    sampled_wrong = set(metrics["gallery"]) & set(wrong.index)  # the per-cell sample, when wrong
+    assert drawn == {p for entry in shown.values() for p in entry["shown"]} | sampled_wrong
+    listed = pd.read_csv(small_run / "mistakes.csv", keep_default_na=False)
+    assert len(listed[listed["model"] == "a"]) == len(wrong)
     assert (
         metrics["comparisons"][0]["a"] == "a"
         and "protected" in metrics["comparisons"][0]["attention_share_difference"]
@@ -279,8 +296,10 @@ def test_an_interrupted_run_leaves_nothing_that_looks_finished(
     monkeypatch.setattr(render, "render_report", interrupted)
     config = write_config(tmp_path / "audit.toml", small_dataset)
     result = invoke("run", config, "--out", tmp_path / "run", "--quiet")
-    assert result.exit_code != 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.toml"]
+    assert result.exit_code == 130
+    assert "--resume" in result.output
+    # Only a hidden work folder is left, to resume from; nothing that looks like a finished run.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "audit.toml"]
 
 
 def test_train_and_explain_commands(tmp_path, small_dataset):
@@ -315,8 +334,8 @@ def test_train_and_explain_commands(tmp_path, small_dataset):
     )
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(out / "predictions.csv")) == 3
-    assert len(list((out / "gradcam" / "pred").glob("*.png"))) == 3
-    assert len(list((out / "guided_gradcam" / "pred").glob("*.png"))) == 3
+    assert len(list(out.glob("*/gradcam.png"))) == 3
+    assert len(list(out.glob("*/guided_gradcam.png"))) == 3
     for option, value, message in (
         ("--method", "gradcamm", "unknown method 'gradcamm'"),
         ("--layer", "featurez", "unknown layer 'featurez'"),

@@ -1,9 +1,16 @@
 """The generated doctor/nurse data set: the Grad-CAM paper's bias experiment with exact masks.
 
-The class (doctor, nurse) is carried by small job cues (a stethoscope, a badge); the group (male,
-female) by large hair and face cues. `train_biased` follows the paper (78% of doctors male, 93% of
-nurses female), `train_balanced` is 50/50 in each class, `val` and `test` are balanced over the four
-cells, and every test image has a counterfactual twin with the group swapped.
+The class (doctor, nurse) is carried by small job cues (a stethoscope, a badge), equally visible
+in every group; two protected attributes by larger cues: sex (male, female: long hair, lips or
+beard) and age (young, old: grey hair, wrinkles). `train_biased` follows the paper for sex (78% of
+doctors male, 93% of nurses female) and adds a weaker age bias (70% of doctors old, 70% of nurses
+young), the two independent within a class, so the minority intersections (young female doctors,
+old male nurses) are the rarest; `train_balanced` is 50/50 on both attributes in each class,
+`val` and `test` are balanced over the eight class x sex x age cells, and every test image has two
+counterfactual twins: `twin:sex` (sex swapped) and `twin:age` (age swapped).
+
+Manifest columns: image, label, group (= sex, for one-attribute readers), group:sex, group:age,
+split, twin (= twin:sex), twin:sex, twin:age, mask:<region> for REGIONS, box:person, job_cue.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from audit.data.draw import JOB_CUES, PROTECTED_PARTS, render, sample_params
+from audit.data.draw import AGES, JOB_CUES, PROTECTED_PARTS, SEXES, render, sample_params
 
 LABELS = ("doctor", "nurse")
-GROUPS = ("male", "female")
-REGIONS = ("hair", "face", "clothes", "stethoscope", "badge")
+GROUPS = SEXES  # the first attribute, kept under its old name
+ATTRIBUTES = {"sex": SEXES, "age": AGES}
+REGIONS = ("hair", "face", "clothes", "stethoscope", "badge", "wrinkles")
 SPLITS = ("train_biased", "train_balanced", "val", "test")
+Cell = tuple[str, str, str]  # (label, sex, age)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,8 @@ class DoctorNurseSpec:
     n_test: int = 800
     doctor_male: float = 0.78  # share of doctors who are men in train_biased
     nurse_female: float = 0.93  # share of nurses who are women in train_biased
+    doctor_old: float = 0.7  # share of doctors who are old in train_biased (each sex alike)
+    nurse_young: float = 0.7  # share of nurses who are young in train_biased (each sex alike)
 
     def validate(self) -> None:
         if self.image_size < 32:
@@ -47,33 +58,48 @@ class DoctorNurseSpec:
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) < 4:
                 raise ValueError(f"{name} must be at least 4, got {getattr(self, name)}")
-        for name in ("doctor_male", "nurse_female"):
+        for name in ("doctor_male", "nurse_female", "doctor_old", "nurse_young"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie between 0 and 1, got {getattr(self, name)}")
 
 
-def cell_counts(n: int, male_share: dict[str, float]) -> dict[tuple[str, str], int]:
-    """Images per (label, group) cell for a split of n images, half of each class."""
+def cell_counts(
+    n: int, male_share: dict[str, float], old_share: dict[str, float] | None = None
+) -> dict[Cell, int]:
+    """Images per (label, sex, age) cell for a split of n images, half of each class.
+
+    Within a class, sex is split by `male_share`, then each sex by `old_share` (default 50/50),
+    each rounded to whole images, so age is independent of sex within a class.
+    """
+    old_share = old_share or {label: 0.5 for label in LABELS}
     counts = {}
     per_class = {"doctor": n // 2, "nurse": n - n // 2}
     for label in LABELS:
         males = round(per_class[label] * male_share[label])
-        counts[label, "male"] = males
-        counts[label, "female"] = per_class[label] - males
+        for sex, count in (("male", males), ("female", per_class[label] - males)):
+            olds = round(count * old_share[label])
+            counts[label, sex, "young"] = count - olds
+            counts[label, sex, "old"] = olds
     return counts
 
 
-def split_plan(spec: DoctorNurseSpec) -> dict[str, dict[tuple[str, str], int]]:
-    """The cell counts of every split."""
+def split_plan(spec: DoctorNurseSpec) -> dict[str, dict[Cell, int]]:
+    """The (label, sex, age) cell counts of every split."""
     balanced = {"doctor": 0.5, "nurse": 0.5}
     return {
         "train_biased": cell_counts(
-            spec.n_train, {"doctor": spec.doctor_male, "nurse": 1 - spec.nurse_female}
+            spec.n_train,
+            {"doctor": spec.doctor_male, "nurse": 1 - spec.nurse_female},
+            {"doctor": spec.doctor_old, "nurse": 1 - spec.nurse_young},
         ),
         "train_balanced": cell_counts(spec.n_train, balanced),
         "val": cell_counts(spec.n_val, balanced),
         "test": cell_counts(spec.n_test, balanced),
     }
+
+
+def _swap(value: str, values: tuple[str, str]) -> str:
+    return values[1 - values.index(value)]
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
@@ -91,27 +117,39 @@ class _Job:
     spec: dict
     split: str
     split_index: int
-    items: tuple[tuple[int, str, str], ...]  # (index, label, group)
+    items: tuple[tuple[int, str, str, str], ...]  # (index, label, sex, age)
 
 
 def _render_chunk(job: _Job) -> list[dict]:
     spec = DoctorNurseSpec(**job.spec)
     root = Path(job.root)
     rows = []
-    for index, label, group in job.items:
+    for index, label, sex, age in job.items:
         rng = np.random.default_rng([spec.seed, job.split_index, index])
         params = sample_params(rng, spec.image_size)
-        image, masks = render(params, label, group)
+        image, masks = render(params, label, sex, age)
         stem = f"{job.split}/{index:05d}"
-        row = {"image": f"images/{stem}.png", "label": label, "group": group, "split": job.split}
+        row = {
+            "image": f"images/{stem}.png",
+            "label": label,
+            "group": sex,
+            "group:sex": sex,
+            "group:age": age,
+            "split": job.split,
+        }
         image.save(root / row["image"], optimize=False)
+        twins = {"sex": "", "age": ""}
         if job.split == "test":
-            other = GROUPS[1 - GROUPS.index(group)]
-            twin, _ = render(params, label, other)
-            row["twin"] = f"twins/{stem}.png"
-            twin.save(root / row["twin"], optimize=False)
-        else:
-            row["twin"] = ""
+            for attribute, person in (
+                ("sex", (_swap(sex, SEXES), age)),
+                ("age", (sex, _swap(age, AGES))),
+            ):
+                twin, _ = render(params, label, *person)
+                twins[attribute] = f"twins/{stem}_{attribute}.png"
+                twin.save(root / twins[attribute], optimize=False)
+        row["twin"] = twins["sex"]
+        row["twin:sex"] = twins["sex"]
+        row["twin:age"] = twins["age"]
         for region in REGIONS:
             if masks[region].any():
                 row[f"mask:{region}"] = f"masks/{stem}_{region}.png"
@@ -189,16 +227,18 @@ def generate(
 
 def describe(spec: DoctorNurseSpec, frame: pd.DataFrame) -> str:
     """A short README for a generated data set: its parameters and cell counts."""
-    counts = (
-        frame.groupby(["split", "label", "group"]).size().unstack(["label", "group"], fill_value=0)
-    )
+    attributes = ", ".join(f"{name} ({'/'.join(values)})" for name, values in ATTRIBUTES.items())
+    cells = ["label", "group:sex", "group:age"]
+    counts = frame.groupby(["split", *cells]).size().unstack(cells, fill_value=0)
     lines = [
         "# Generated doctor/nurse data set",
         "",
         f"Made by `audit data doctor-nurse` with {asdict(spec)}.",
-        f"Protected regions: {', '.join(PROTECTED_PARTS)}; job cues: {JOB_CUES}.",
+        f"Protected attributes: {attributes};"
+        f" protected regions: {', '.join(PROTECTED_PARTS)} (the age cue region: wrinkles);"
+        f" job cues: {JOB_CUES}.",
         "",
-        "Images per split and (label, group) cell:",
+        "Images per split and (label, sex, age) cell:",
         "",
         "```",
         counts.to_string(),

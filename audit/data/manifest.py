@@ -1,18 +1,36 @@
-"""The manifest format: one CSV row per image with label, group, split, region masks/boxes, twin.
+"""The manifest format: one CSV row per image with label, protected attributes, split, regions, twins.
+
+Columns (paths are relative to the manifest's folder and may not leave it):
+
+- `image`, `label` (required); `split` (e.g. train, val, test); any other column is kept as extra.
+- Protected attributes: any number of `group:<attribute>` columns (`group:sex`, `group:age`,
+  `group:skin_tone`), in the order they should be reported. A plain `group` column is the
+  one-attribute shorthand: without `group:<attribute>` columns it is the attribute named "group".
+  Given beside `group:<attribute>` columns it is only a compatibility copy of the first one and must
+  equal it on every row (a row where they differ is an error), so tools that read `group` see the
+  first attribute. An empty cell means "not known" for that image.
+- Counterfactual twins: `twin:<attribute>` holds an image of the same scene with only that attribute
+  changed; it needs a `group:<attribute>` column. A plain `twin` column is the twin for the first
+  (or only) attribute; beside `twin:<first>` it must equal it on every row.
+- Regions: `mask:<region>` (a mask image of the image's size, nonzero inside) and `box:<region>`
+  (`x0 y0 x1 y1` in pixels, end-exclusive).
 
 `read_manifest` validates the whole file and reports every problem at once, with line numbers
-(line 1 is the header), before anything else reads the data. Nothing on disk is modified.
+(line 1 is the header), before anything else reads the data. Nothing on disk is modified. The loaded
+`Manifest` names its attributes (`attributes`, `group_column`, `twin_columns`); for code that knows
+one attribute, `table["group"]` and `table["twin"]` always hold the first attribute and its twin.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
 import hashlib
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
@@ -20,6 +38,8 @@ from PIL import Image, ImageFile
 
 CORE_COLUMNS = ("image", "label", "group", "split", "twin")
 REGION_PREFIXES = ("mask", "box")
+ATTRIBUTE_PREFIXES = ("group", "twin")
+SHORTHAND = "group"  # the attribute's name when only the plain `group` column is given
 
 
 class ManifestError(ValueError):
@@ -40,11 +60,27 @@ class EmptySplitError(ValueError):
 
 @dataclass
 class Manifest:
-    """A validated manifest: its table (strings, empty cells as ""), folder and region names."""
+    """A validated manifest: its table (strings, empty cells as ""), folder, regions and attributes.
+
+    `attributes` are the protected attributes in column order (["group"] for the shorthand);
+    `attribute_columns` maps each to its column and `twin_columns` each attribute that has
+    counterfactual twins to the column holding them. `table["group"]` and `table["twin"]` hold the
+    first attribute's value and twin whatever the file's layout.
+    """
 
     path: Path
     table: pd.DataFrame
     regions: list[str]
+    attributes: list[str] = field(default_factory=lambda: [SHORTHAND])
+    attribute_columns: dict[str, str] = field(default_factory=lambda: {SHORTHAND: "group"})
+    twin_columns: dict[str, str] = field(default_factory=dict)
+
+    def group_column(self, attribute: str) -> str:
+        """The column holding one attribute's values; ManifestError (one line) for an unknown one."""
+        if attribute not in self.attribute_columns:
+            known = ", ".join(self.attributes) or "none"
+            raise ManifestError(self.path, [f"no attribute {attribute!r} (attributes: {known})"])
+        return self.attribute_columns[attribute]
 
     @property
     def root(self) -> Path:
@@ -68,7 +104,11 @@ class Manifest:
     def checksum(self) -> str:
         """SHA-256 over the manifest and every file it references, in order: the data set's identity."""
         digest = hashlib.sha256(self.path.read_bytes())
-        columns = [c for c in self.table.columns if c in ("image", "twin") or c.startswith("mask:")]
+        columns = [
+            c
+            for c in self.table.columns
+            if c in ("image", "twin") or c.startswith(("mask:", "twin:"))
+        ]
         for value in self.table[columns].to_numpy().ravel():
             if value:
                 digest.update(value.encode("utf-8") + b"\0")
@@ -77,7 +117,11 @@ class Manifest:
 
     @property
     def extra_columns(self) -> list[str]:
-        return [c for c in self.table.columns if c not in CORE_COLUMNS and not _region_column(c)]
+        return [
+            c
+            for c in self.table.columns
+            if c not in CORE_COLUMNS and not _region_column(c) and not _attribute_column(c)
+        ]
 
 
 def _region_column(column: str) -> tuple[str, str] | None:
@@ -87,8 +131,78 @@ def _region_column(column: str) -> tuple[str, str] | None:
     return None
 
 
+def _attribute_column(column: str) -> tuple[str, str] | None:
+    """('group' or 'twin', attribute) for a `group:<attribute>` or `twin:<attribute>` header.
+
+    The attribute may be empty here (validation reports it); surrounding spaces are dropped.
+    """
+    kind, sep, attribute = column.partition(":")
+    if sep and kind in ATTRIBUTE_PREFIXES:
+        return kind, attribute.strip()
+    return None
+
+
+def _attributes(columns: list[str]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """Attributes in column order, the column of each, and the twin column of each that has one.
+
+    Columns with an empty attribute name, and twins of an attribute without a column, are left out
+    (validation reports them).
+    """
+    parsed = [(a, c) for c in columns if (a := _attribute_column(c)) and a[1]]
+    groups = [(a[1], c) for a, c in parsed if a[0] == "group"]
+    twins = {a[1]: c for a, c in parsed if a[0] == "twin"}
+    attribute_columns: dict[str, str] = {}
+    for attribute, column in groups:
+        attribute_columns.setdefault(attribute, column)
+    attribute_columns = attribute_columns or {SHORTHAND: "group"}
+    attributes = list(attribute_columns)
+    twin_columns = {a: c for a, c in twins.items() if a in attribute_columns}
+    if "twin" in columns and attributes[0] not in twin_columns:
+        twin_columns = {attributes[0]: "twin", **twin_columns}
+    return attributes, attribute_columns, twin_columns
+
+
+def _header(path: Path) -> list[str]:
+    """The header as written (pandas renames repeated names, which would hide them)."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        return [c.strip() for c in next(csv.reader(handle), [])]
+
+
+def _header_problems(header: list[str]) -> list[str]:
+    """Empty attribute names and twins of attributes that have no `group:<attribute>` column."""
+    problems = []
+    attributes = [a[1] for c in header if (a := _attribute_column(c)) and a[0] == "group"]
+    for column in header:
+        parsed = _attribute_column(column)
+        if parsed is None:
+            continue
+        kind, attribute = parsed
+        if not attribute:
+            problems.append(
+                f"column {column!r} has an empty attribute name; write {kind}:<attribute>, "
+                f"e.g. {kind}:sex"
+            )
+        elif kind == "twin" and attribute not in attributes:
+            known = ", ".join(attributes) or "none"
+            problems.append(
+                f"column {column!r} gives twins for attribute {attribute!r}, which has no "
+                f"'group:{attribute}' column (attributes: {known})"
+            )
+    named = [a for a in attributes if a]
+    for attribute in sorted({a for a in named if named.count(a) > 1}):
+        problems.append(f"attribute {attribute!r} is given by more than one group: column")
+    return problems
+
+
 def _looks_like_region_typo(column: str) -> str | None:
     """The column a misspelt header probably meant (e.g. 'mask_hair', 'msk:hair', 'lable')."""
+    attribute = re.match(r"^\s*([A-Za-z]+)\s*:\s*(\S.*)$", column)
+    if attribute:
+        close = difflib.get_close_matches(
+            attribute.group(1).lower(), ("group", "groups", "twin", "twins"), n=1, cutoff=0.6
+        )
+        if close:
+            return f"{close[0].rstrip('s')}:{attribute.group(2).strip()}"
     match = re.match(r"^\s*([A-Za-z]+)\s*[:_\-. ]\s*(\S.*)$", column)
     if match:
         prefixes = ("mask", "masks", "box", "boxes", "bbox")
@@ -166,9 +280,21 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _load(path: Path) -> Manifest:
+    header = _header(path)
     table = _read_table(path)
     regions = sorted({r[1] for c in table.columns if (r := _region_column(c))})
-    return Manifest(path=path, table=table, regions=regions)
+    attributes, attribute_columns, twin_columns = _attributes(header)
+    first = attributes[0]
+    table["group"] = table[attribute_columns[first]]
+    table["twin"] = table[twin_columns[first]] if first in twin_columns else ""
+    return Manifest(
+        path=path,
+        table=table,
+        regions=regions,
+        attributes=attributes,
+        attribute_columns=attribute_columns,
+        twin_columns=twin_columns,
+    )
 
 
 def validate(path: str | Path, *, check_files: bool = True) -> list[str]:
@@ -185,14 +311,20 @@ def validate(path: str | Path, *, check_files: bool = True) -> list[str]:
     for column in ("image", "label"):
         if column not in table.columns:
             problems.append(f"missing required column {column!r}")
+    header = _header(path)
+    repeated = [c for i, c in enumerate(header) if c in header[:i]]
+    for column in dict.fromkeys(repeated):
+        where = [str(i) for i, c in enumerate(header, start=1) if c == column]
+        problems.append(f"column {column!r} appears more than once (columns {', '.join(where)})")
     for column in table.columns:
-        if column in CORE_COLUMNS or _region_column(column):
+        if column in CORE_COLUMNS or _region_column(column) or _attribute_column(column):
             continue
         meant = _looks_like_region_typo(column)
         if meant:
             problems.append(f"column {column!r} is not a known column; did you mean {meant!r}?")
     if problems:
         return problems
+    problems += _header_problems(header)
     root = path.parent.resolve()
     sizes: dict[str, tuple[int, int] | None] = {}
 
@@ -229,6 +361,18 @@ def validate(path: str | Path, *, check_files: bool = True) -> list[str]:
             )
         return size
 
+    attributes, attribute_columns, twin_columns = _attributes(header)
+    first = attributes[0]
+    # Plain `group` / `twin` beside the first attribute's own columns: compatibility copies.
+    own_twin = f"twin:{first}" if f"twin:{first}" in header else "twin"
+    copies = [
+        (plain, own)
+        for plain, own in (("group", attribute_columns[first]), ("twin", own_twin))
+        if plain in header and own != plain
+    ]
+    # Every twin column's files are checked, the copy `twin` only when it differs from its own.
+    twin_files = [c for c in header if c == "twin" or c.startswith("twin:")]
+    plain_twin_is_copy = any(plain == "twin" for plain, _ in copies)
     duplicated_rows = table.duplicated(keep="first")
     first_line = {}
     for index, row in enumerate(table.itertuples(index=False)):
@@ -249,9 +393,18 @@ def validate(path: str | Path, *, check_files: bool = True) -> list[str]:
                 f"line {line}, image: {image} is listed twice in split {key[1]!r} (also line {first_line[key]})"
             )
         first_line.setdefault(key, line)
+        for plain, own in copies:
+            if values[plain] != values[own]:
+                problems.append(
+                    f"line {line}, {plain}: {values[plain]!r} differs from {own} "
+                    f"{values[own]!r}; beside {own}, the {plain!r} column must be a copy of it"
+                )
         size = check_file(line, "image", image, None)
-        if values.get("twin"):
-            check_file(line, "twin", values["twin"], size)
+        for column in twin_files:
+            value = values.get(column)
+            if not value or (column == "twin" and plain_twin_is_copy and value == values[own_twin]):
+                continue
+            check_file(line, column, value, size)
         for column, value in values.items():
             kind_region = _region_column(column)
             if not kind_region or not value:

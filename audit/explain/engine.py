@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from audit.explain.layers import OutputSelector, default_output, final_linear, resolve_layer
+from audit.explain.layout import Layout, describe_output, layer_layout
 from audit.explain.relu import ReluSwitch
 
 CAM_METHODS = ("cam", "gradcam", "gradcam++")
@@ -44,6 +45,7 @@ class Explanation:
     maps: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     low_res: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     layer: str | None = None
+    layout: Layout | None = None  # how the layer's output was read as a (N, C, h, w) map
 
     @property
     def probs(self) -> Tensor:
@@ -74,10 +76,10 @@ class _LayerCapture:
                 f"layer {self.layer_name!r} runs more than once per forward pass (a shared module); "
                 "choose a layer that runs once"
             )
-        if not isinstance(output, Tensor) or output.dim() != 4:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        if not isinstance(output, Tensor) or output.dim() not in (3, 4):
             raise ValueError(
-                f"layer {self.layer_name!r} must output a (N, C, h, w) map, got {shape}"
+                f"layer {self.layer_name!r} must output a (N, C, h, w) map, a channels-last "
+                f"(N, h, w, C) map or (N, T, C) tokens, got {describe_output(output)}"
             )
         self.body_output = output
         self.activation = output.detach().requires_grad_(True)
@@ -233,8 +235,12 @@ def explain_many(
         raise ValueError(f"layer {layer_name!r} was not called during the forward pass")
 
     resolved = {name: _resolve_targets(spec, name, logits) for name, spec in target_specs.items()}
-    result = Explanation(logits=logits.detach(), targets=resolved, layer=layer_name)
-    activation = capture.activation.detach() if capture.activation is not None else None
+    layout = None
+    activation = None
+    if capture.activation is not None:
+        layout = layer_layout(model, layer_name, module, capture.activation, images)
+        activation = layout.to_map(capture.activation.detach())
+    result = Explanation(logits=logits.detach(), targets=resolved, layer=layer_name, layout=layout)
     cam_weights = _cam_weights(model, activation, logits) if "cam" in methods else None
     size = (images.shape[2], images.shape[3])
 
@@ -265,10 +271,10 @@ def explain_many(
             if "cam" in methods:
                 low["cam", name] = _combine(cam_weights[target], activation)
             if "gradcam" in methods or "guided_gradcam" in methods:
-                weights = grad_at_layer(False).mean(dim=(2, 3))
+                weights = layout.to_map(grad_at_layer(False)).mean(dim=(2, 3))
                 low["gradcam", name] = _combine(weights, activation)
             if "gradcam++" in methods:
-                weights = _gradcam_pp_weights(grad_at_layer(False), activation)
+                weights = _gradcam_pp_weights(layout.to_map(grad_at_layer(False)), activation)
                 low["gradcam++", name] = _combine(weights, activation)
             if "saliency" in methods:
                 result.maps["saliency", name] = grad_at_input(False).abs()

@@ -1,24 +1,132 @@
-"""Pre-release gates: thresholds on a finished run's metrics, with pass/fail per model."""
+"""Pre-release gates: thresholds on a finished run's metrics, with pass/fail per model.
+
+Every gate is one entry of `GATES`: the metric it reads, the comparison, its default threshold,
+what it protects against and where the default comes from (both shown in the report). Adding a
+gate is one entry here and one field of the same name in `audit.config.GateConfig`.
+
+Which gates apply (the `[gates]` table of a config, or the `gates` object of a run's config.json):
+
+- no `[gates]` table: every gate, at its default threshold;
+- a `[gates]` table: only the gates given in it;
+- `defaults = true` inside it: the gates given, plus every other gate at its default;
+- `from_defaults = [...]`: these gates take (or took) their default threshold. A run writes the
+  resolved gates into config.json with this list, so `audit check` can say where each came from.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-# gate key -> (metric path inside a model's metrics, comparison, label)
-GATES = {
-    "min_worst_group_accuracy": (
-        ("performance", "worst_group_accuracy"),
-        ">=",
-        "worst-group accuracy",
+OPERATORS = (">=", "<=")
+META_KEYS = ("defaults", "from_defaults")  # keys of a gates table that are not gates
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One pre-release check on a model's metrics.
+
+    metric: path to an estimate (`{"value", "ci_low", "ci_high"}`) inside `metrics.models.<name>`;
+    op: ">=" (a floor) or "<=" (a ceiling); bounds: the thresholds a config may set.
+    """
+
+    metric: tuple[str, ...]
+    op: str
+    label: str
+    default: float
+    protects: str
+    why_default: str
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+
+GATES: dict[str, Gate] = {
+    "min_worst_group_accuracy": Gate(
+        metric=("performance", "worst_group_accuracy"),
+        op=">=",
+        label="worst-group accuracy",
+        default=0.85,
+        protects=(
+            "A model that is accurate on average but fails the people of one class x group cell "
+            "(e.g. female doctors)."
+        ),
+        why_default=(
+            "A choice of this project, not a standard: far above chance and below what a model "
+            "that learnt the task itself reaches on every cell of the reference data set. Set "
+            "the accuracy your use needs."
+        ),
     ),
-    "max_accuracy_gap": (("performance", "accuracy_gap"), "<=", "accuracy gap between groups"),
-    "max_protected_attention": (
-        ("attention", "gradcam", "overall", "protected", "share"),
-        "<=",
-        "Grad-CAM share on protected regions",
+    "max_accuracy_gap": Gate(
+        metric=("performance", "accuracy_gap"),
+        op="<=",
+        label="accuracy gap between groups",
+        default=0.05,
+        protects="A model that works markedly better for one group than for another.",
+        why_default=(
+            "Just outside sampling noise: with 400 test images per group at 90% accuracy the 95% "
+            "interval of a difference is about +/-4 points, so a gap over 5 points is unlikely "
+            "to be chance. Smaller test sets need a wider threshold."
+        ),
     ),
-    "max_flip_rate": (("counterfactual", "flip_rate"), "<=", "counterfactual flip rate"),
+    "max_protected_attention": Gate(
+        metric=("attention", "gradcam", "overall", "protected", "share"),
+        op="<=",
+        label="Grad-CAM share on protected regions",
+        default=0.30,
+        protects=(
+            "A model that decides from how the protected attribute looks (e.g. hair and face) "
+            "instead of from the evidence for the class."
+        ),
+        why_default=(
+            "A choice of this project: at most 30% of the explanation on the protected regions. "
+            "Compare it with the regions' share of the pixels (what evenly spread attention "
+            "would give), shown in the report, and lower it where they are small."
+        ),
+    ),
+    "max_flip_rate": Gate(
+        metric=("counterfactual", "flip_rate"),
+        op="<=",
+        label="counterfactual flip rate",
+        default=0.10,
+        protects=(
+            "Decisions that change when only the person's group changes (the same image with "
+            "the protected attribute swapped)."
+        ),
+        why_default=(
+            "A choice of this project: at most one decision in ten may flip; a model that ignores "
+            "the attribute flips only where it is unsure anyway."
+        ),
+    ),
 }
+
+
+def resolve_gates(table: Mapping[str, Any] | None) -> dict[str, tuple[float, str]]:
+    """The gates that apply: gate key -> (threshold, source), source "config" or "default".
+
+    `table` is a config's `[gates]` table or a run's config.json `gates` object; None (no table)
+    means every gate at its default. Raises ValueError naming an unknown key or gate.
+    """
+    if table is None:
+        table = {"defaults": True}
+    for key in table:
+        if key not in GATES and key not in META_KEYS:
+            raise ValueError(f"unknown gate {key!r}; known gates: {', '.join(GATES)}")
+    from_defaults = list(table.get("from_defaults") or [])
+    for key in from_defaults:
+        if key not in GATES:
+            raise ValueError(
+                f"gates.from_defaults: unknown gate {key!r}; known gates: {', '.join(GATES)}"
+            )
+    resolved = {}
+    for key, gate in GATES.items():
+        value = table.get(key)
+        if key in from_defaults:
+            resolved[key] = (gate.default if value is None else float(value), "default")
+        elif value is not None:
+            resolved[key] = (float(value), "config")
+        elif table.get("defaults"):
+            resolved[key] = (gate.default, "default")
+    return resolved
 
 
 def _lookup(metrics: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
@@ -30,36 +138,41 @@ def _lookup(metrics: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | 
     return node
 
 
-def evaluate_gates(metrics: dict[str, Any], gates: dict[str, float | None]) -> list[dict[str, Any]]:
-    """One row per model and configured gate: measured value, threshold, and whether it passes.
+def evaluate_gates(
+    metrics: dict[str, Any], gates: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """One row per model and applying gate: measured value, threshold, whether it passes, and
+    the gate's `protects`, `why_default`, `default` and `source` ("config" or "default").
 
-    A gate whose metric could not be measured (e.g. no protected region in the data) fails: a
-    release check that cannot be checked does not pass.
+    `gates` is a gates table as `resolve_gates` takes it (a run's config.json `gates`). A gate
+    whose metric could not be measured (e.g. no protected region in the data) fails: a release
+    check that cannot be checked does not pass.
     """
+    resolved = resolve_gates(gates)
     rows = []
     for model, model_metrics in metrics["models"].items():
-        for key, threshold in gates.items():
-            if threshold is None:
-                continue
-            if key not in GATES:
-                raise ValueError(f"unknown gate {key!r}; known gates: {', '.join(GATES)}")
-            path, op, label = GATES[key]
-            estimate = _lookup(model_metrics, path) or {}
+        for key, (threshold, source) in resolved.items():
+            gate = GATES[key]
+            estimate = _lookup(model_metrics, gate.metric) or {}
             value = estimate.get("value")
             passed = value is not None and (
-                value >= threshold if op == ">=" else value <= threshold
+                value >= threshold if gate.op == ">=" else value <= threshold
             )
             rows.append(
                 {
                     "model": model,
                     "gate": key,
-                    "label": label,
-                    "op": op,
+                    "label": gate.label,
+                    "op": gate.op,
                     "threshold": threshold,
                     "value": value,
                     "ci_low": estimate.get("ci_low"),
                     "ci_high": estimate.get("ci_high"),
                     "passed": bool(passed),
+                    "source": source,
+                    "default": gate.default,
+                    "protects": gate.protects,
+                    "why_default": gate.why_default,
                 }
             )
     return rows

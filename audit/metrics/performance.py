@@ -1,27 +1,110 @@
-"""Accuracy per model, class, group and cell; worst-group accuracy; group-fairness differences.
+"""Accuracy per model, class, group and cell; worst-group accuracy; group-fairness differences;
+confusions, from two classes to a thousand.
 
-Point estimates of demographic parity and equalized odds differences come from fairlearn; the same
-quantities are computed for bootstrap resamples by the vectorised formulas here (tests check that
-the two agree).
+Everything works on integer codes (class index, group index, cell = group * K + class) and
+`np.bincount` / sparse one-hot products, so 1,000 classes cost no Python loop over classes or
+class pairs. Demographic parity and equalized odds differences follow fairlearn's definitions
+(tests check them against `fairlearn.metrics` on the same data); with more than two classes each
+class is taken one-vs-rest and the largest difference over classes is reported, because fairlearn's
+functions are defined for a binary positive label only.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
-from sklearn.metrics import confusion_matrix
+import pandas as pd
 
-from audit.metrics.bootstrap import estimate, weighted_means
+from audit.metrics.bootstrap import (
+    CHUNK_FLOATS,
+    estimate,
+    grouped_summary,
+    grouped_sums,
+    nan_spread,
+    stamp,
+    transposed,
+)
+
+# Above this many classes the confusion matrix is not written to metrics.json; `top_confusions`
+# (always written) and `confusion_counts` (for a CSV file) take its place.
+FULL_CONFUSION_MAX_CLASSES = 20
+TOP_CONFUSIONS = 20
 
 
-def _members(keys: np.ndarray, names: list[str]) -> np.ndarray:
-    return np.stack([keys == name for name in names]).astype(np.float64)
+def encode(values: np.ndarray, names: list[str], what: str = "label") -> np.ndarray:
+    """Index of each value in `names`; a value missing from `names` is a ValueError naming it."""
+    values = np.asarray(values).astype(str)
+    codes = pd.Index(list(names)).astype(str).get_indexer(values).astype(np.int64)
+    if (codes < 0).any():
+        bad = sorted(set(values[codes < 0]))
+        raise ValueError(f"{what} {bad[0]!r} is not one of {', '.join(map(str, names[:10]))}")
+    return codes
 
 
 def _spread(rates: np.ndarray) -> np.ndarray:
     """max - min over the last axis, ignoring NaN (a group absent from a resample)."""
-    with np.errstate(all="ignore"):
-        return np.nanmax(rates, axis=-1) - np.nanmin(rates, axis=-1)
+    return nan_spread(rates, axis=-1)
+
+
+def ovr_differences(
+    true_idx: np.ndarray,
+    pred_idx: np.ndarray,
+    group_codes: np.ndarray,
+    n_groups: int,
+    n_classes: int,
+    weights_t: np.ndarray,
+    judged: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Demographic parity and equalized odds differences per resample (columns of `weights_t`).
+
+    Two classes: fairlearn's binary definitions with the first class as the positive label. More:
+    each class one-vs-rest, the largest difference over classes. Only groups where `judged` is true
+    take part (e.g. those with at least `min_cell_size` images). Returns two (B,) arrays.
+    Classes are processed in chunks so that the (B, groups, classes) arrays stay bounded.
+    """
+    true_idx, pred_idx = np.asarray(true_idx), np.asarray(pred_idx)
+    judged = np.ones(n_groups, bool) if judged is None else np.asarray(judged, bool)
+    compact = np.cumsum(judged) - 1
+    gcodes = np.where(judged[group_codes], compact[group_codes], -1)
+    n_judged = int(judged.sum())
+    n_boot = weights_t.shape[1]
+    dp = np.full(n_boot, np.nan)
+    eo = np.full(n_boot, np.nan)
+    if n_judged < 2:
+        return dp, eo
+    ones = np.ones(len(true_idx))
+    correct = (true_idx == pred_idx).astype(np.float64)
+    sizes = grouped_sums(ones, gcodes, n_judged, weights_t)[:, :, None]  # (B, G, 1)
+    positives = 1 if n_classes == 2 else n_classes
+    step = max(1, CHUNK_FLOATS // max(1, n_boot * n_judged))
+    for start in range(0, positives, step):
+        width = min(positives, start + step) - start
+
+        def per_cell(index: np.ndarray, values: np.ndarray, start: int = start, width: int = width):
+            inside = (gcodes >= 0) & (index >= start) & (index < start + width)
+            codes = np.where(inside, gcodes * width + index - start, -1)
+            return grouped_sums(values, codes, n_judged * width, weights_t).reshape(
+                n_boot, n_judged, width
+            )
+
+        selected = per_cell(pred_idx, ones)
+        positive = per_cell(true_idx, ones)
+        true_pos = per_cell(true_idx, correct)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            selection = selected / sizes
+            tpr = true_pos / positive
+            fpr = (selected - true_pos) / (sizes - positive)
+        dp_k = nan_spread(selection, axis=1)  # (B, width)
+        eo_k = np.fmax(nan_spread(tpr, axis=1), nan_spread(fpr, axis=1))
+        dp = np.fmax(dp, _nanmax(dp_k))
+        eo = np.fmax(eo, _nanmax(eo_k))
+    return dp, eo
+
+
+def _nanmax(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    return np.where(finite.any(axis=1), np.max(np.where(finite, values, -np.inf), axis=1), np.nan)
 
 
 def fairness_differences(
@@ -35,18 +118,81 @@ def fairness_differences(
 
     For more than two classes each class is taken one-vs-rest and the largest difference reported.
     """
-    group_names = sorted(set(groups))
-    members = _members(groups, group_names)
-    dp, eo = [], []
-    positives = classes if len(classes) > 2 else classes[:1]
-    for positive in positives:
-        selected = (y_pred == positive).astype(np.float64)
-        dp.append(_spread(weighted_means(selected, members, weights)))
-        truth = y_true == positive
-        tpr = _spread(weighted_means(selected, members * truth, weights))
-        fpr = _spread(weighted_means(selected, members * ~truth, weights))
-        eo.append(np.fmax(tpr, fpr))
-    return np.nanmax(np.stack(dp), axis=0), np.nanmax(np.stack(eo), axis=0)
+    group_names = sorted(set(np.asarray(groups).astype(str)))
+    return ovr_differences(
+        encode(y_true, classes),
+        encode(y_pred, classes, "prediction"),
+        encode(groups, group_names, "group"),
+        len(group_names),
+        len(classes),
+        transposed(weights),
+    )
+
+
+def confusion_counts(true_idx: np.ndarray, pred_idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """(K, K) confusion counts, rows true, columns predicted: one bincount on true * K + pred."""
+    flat = np.asarray(true_idx, np.int64) * n_classes + np.asarray(pred_idx, np.int64)
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def top_confusions(counts: np.ndarray, classes: list[str], k: int = TOP_CONFUSIONS) -> list[dict]:
+    """The `k` most frequent (true, predicted) errors: count and share of the true class's images.
+
+    Sorted by count (descending), then share (descending), then class order, so the list is
+    deterministic. Pairs with no error are left out.
+    """
+    counts = np.asarray(counts)
+    n_classes = len(classes)
+    off = counts.astype(np.float64).copy()
+    np.fill_diagonal(off, 0)
+    flat = off.ravel()
+    nonzero = np.flatnonzero(flat)
+    if nonzero.size > k:  # partial selection first: O(K^2) once, no sort of all pairs
+        kth = np.partition(flat[nonzero], nonzero.size - k)[nonzero.size - k]
+        nonzero = nonzero[flat[nonzero] >= kth]
+    row_totals = counts.sum(axis=1)
+    true_i, pred_i = np.divmod(nonzero, n_classes)
+    share = flat[nonzero] / row_totals[true_i]
+    order = np.lexsort((pred_i, true_i, -share, -flat[nonzero]))[:k]
+    return [
+        {
+            "true": classes[true_i[j]],
+            "predicted": classes[pred_i[j]],
+            "count": int(flat[nonzero][j]),
+            "share": float(share[j]),
+        }
+        for j in order
+    ]
+
+
+def worst_first(entries: dict[str, dict[str, Any]]) -> list[str]:
+    """Keys of {name: estimate} sorted by how badly they do: lowest value first, ties by larger
+    n first (the better-evidenced failure), entries marked too_few and those without a value last."""
+
+    def key(name: str) -> tuple:
+        e = entries[name]
+        value = e.get("value")
+        return (
+            bool(e.get("too_few")),
+            value is None,
+            value if value is not None else 0.0,
+            -(e.get("n") or 0),
+            name,
+        )
+
+    return sorted(entries, key=key)
+
+
+def _by(
+    summary: dict[str, np.ndarray], names: list, present: np.ndarray, min_cell_size: int
+) -> dict:
+    return {
+        name: stamp(
+            summary["point"][i], summary["ci_low"][i], summary["ci_high"][i], summary["n"][i]
+        )
+        | {"too_few": bool(summary["n"][i] < min_cell_size)}
+        for i, name in zip(np.flatnonzero(present), names, strict=True)
+    }
 
 
 def performance(
@@ -55,86 +201,147 @@ def performance(
     groups: np.ndarray,
     classes: list[str],
     weights: np.ndarray,
+    *,
+    min_cell_size: int = 0,
+    top_k: int = TOP_CONFUSIONS,
 ) -> dict:
-    """All performance metrics of one model as {"value", "ci_low", "ci_high"} estimates."""
-    y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
-    correct = (y_true == y_pred).astype(np.float64)
-    ones = np.ones((1, len(correct)))
+    """All performance metrics of one model as {"value", "ci_low", "ci_high"} estimates.
+
+    `per_class`, `per_group` and `per_cell` ("class / group") entries carry `n` and `too_few`
+    (n < min_cell_size); `worst_group_accuracy` is the worst class x group cell that is not too few
+    (`skipped` counts those left out), `accuracy_gap` the spread of the group accuracies over groups
+    that are not too few. `classes_worst_first` lists the classes by accuracy, worst first;
+    `top_confusions` the most frequent errors; `confusion_matrix` is written up to
+    FULL_CONFUSION_MAX_CLASSES classes.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    groups = np.asarray(groups).astype(str)
+    classes = list(classes)
+    n_classes = len(classes)
+    true_idx = encode(y_true, classes)
+    pred_idx = encode(y_pred, classes, "prediction")
     group_names = sorted(set(groups))
-    cells = [(c, g) for c in classes for g in group_names if np.any((y_true == c) & (groups == g))]
-    cell_members = np.stack([(y_true == c) & (groups == g) for c, g in cells]).astype(np.float64)
-    class_members = _members(y_true, classes)
-    group_members = _members(groups, group_names)
+    group_idx = encode(groups, group_names, "group")
+    n_groups = len(group_names)
+    correct = (true_idx == pred_idx).astype(np.float64)
+    weights = np.asarray(weights, dtype=np.float64).reshape(-1, len(correct))
+    weights_t = transposed(weights)
+    cell_idx = group_idx * n_classes + true_idx  # cells ordered class-major below
 
-    def by(members: np.ndarray, names: list) -> dict:
-        point = weighted_means(correct, members, ones)[0]
-        boot = weighted_means(correct, members, weights)
-        return {
-            name: estimate(point[i], boot[:, i]) | {"n": int(members[i].sum())}
-            for i, name in enumerate(names)
-        }
-
-    point_cells = weighted_means(correct, cell_members, ones)[0]
-    boot_cells = weighted_means(correct, cell_members, weights)
-    point_groups = weighted_means(correct, group_members, ones)[0]
-    boot_groups = weighted_means(correct, group_members, weights)
-    with np.errstate(all="ignore"):
-        worst_boot = np.nanmin(boot_cells, axis=1) if len(weights) else None
-    dp_boot, eo_boot = (
-        fairness_differences(y_true, y_pred, groups, classes, weights)
-        if len(weights)
-        else (None, None)
+    class_summary = grouped_summary(correct, true_idx, n_classes, weights_t)
+    group_summary = grouped_summary(
+        correct, group_idx, n_groups, weights_t, judged=np.bincount(group_idx) >= min_cell_size
     )
-    positive = classes[0]
-    dp = demographic_parity_difference(
-        y_true == positive, y_pred == positive, sensitive_features=groups
+    cell_counts = np.bincount(cell_idx, minlength=n_groups * n_classes)
+    cell_summary = grouped_summary(
+        correct, cell_idx, n_groups * n_classes, weights_t, judged=cell_counts >= min_cell_size
     )
-    eo = equalized_odds_difference(
-        y_true == positive, y_pred == positive, sensitive_features=groups
+    # cells in class order, then group order, that hold at least one image
+    order = np.arange(n_groups * n_classes).reshape(n_groups, n_classes).T.ravel()
+    present = order[cell_counts[order] > 0]
+    cell_names = [f"{classes[c % n_classes]} / {group_names[c // n_classes]}" for c in present]
+    per_cell = {
+        name: stamp(
+            cell_summary["point"][c],
+            cell_summary["ci_low"][c],
+            cell_summary["ci_high"][c],
+            cell_counts[c],
+        )
+        | {"too_few": bool(cell_counts[c] < min_cell_size)}
+        for name, c in zip(cell_names, present, strict=True)
+    }
+    judged_cells = present[cell_counts[present] >= min_cell_size]
+    if judged_cells.size:
+        worst = judged_cells[np.nanargmin(cell_summary["point"][judged_cells])]
+        worst_name = f"{classes[worst % n_classes]} / {group_names[worst // n_classes]}"
+        worst_entry = estimate(
+            cell_summary["point"][worst], cell_summary["boot_min"] if len(weights) else None
+        )
+    else:
+        worst_name, worst_entry = None, estimate(None, None)
+    judged_groups = np.bincount(group_idx, minlength=n_groups) >= min_cell_size
+    gap_point = _spread(group_summary["point"][judged_groups]) if judged_groups.sum() else np.nan
+    gap_boot = group_summary["boot_max"] - group_summary["boot_min"]
+    point_dp, point_eo = ovr_differences(
+        true_idx,
+        pred_idx,
+        group_idx,
+        n_groups,
+        n_classes,
+        np.ones((len(correct), 1)),
+        judged_groups,
     )
-    if len(classes) > 2:
-        dp_all, eo_all = fairness_differences(y_true, y_pred, groups, classes, ones)
-        dp, eo = float(dp_all[0]), float(eo_all[0])
-    worst_index = int(np.nanargmin(point_cells))
-    return {
+    boot_dp, boot_eo = ovr_differences(
+        true_idx, pred_idx, group_idx, n_groups, n_classes, weights_t, judged_groups
+    )
+    counts = confusion_counts(true_idx, pred_idx, n_classes)
+    per_class = _by(class_summary, classes, np.ones(n_classes, bool), min_cell_size)
+    out = {
         "n": len(correct),
         "accuracy": estimate(
             correct.mean(), weights @ correct / len(correct) if len(weights) else None
         ),
-        "per_class": by(class_members, classes),
-        "per_group": by(group_members, group_names),
-        "per_cell": {
-            f"{c} / {g}": v
-            for (c, g), v in zip(cells, by(cell_members, cells).values(), strict=True)
+        "per_class": per_class,
+        "classes_worst_first": worst_first(per_class),
+        "per_group": _by(group_summary, group_names, np.ones(n_groups, bool), min_cell_size),
+        "per_cell": per_cell,
+        "worst_group_accuracy": worst_entry
+        | {
+            "cell": worst_name,
+            "skipped": int(((cell_counts > 0) & (cell_counts < min_cell_size)).sum()),
         },
-        "worst_group_accuracy": estimate(point_cells[worst_index], worst_boot)
-        | {"cell": f"{cells[worst_index][0]} / {cells[worst_index][1]}"},
-        "accuracy_gap": estimate(
-            _spread(point_groups), _spread(boot_groups) if len(weights) else None
-        ),
-        "demographic_parity_difference": estimate(dp, dp_boot),
-        "equalized_odds_difference": estimate(eo, eo_boot),
-        "confusion_matrix": {
-            "labels": list(classes),
-            "counts": confusion_matrix(y_true, y_pred, labels=list(classes)).tolist(),
-        },
+        "accuracy_gap": estimate(gap_point, gap_boot if len(weights) else None),
+        "demographic_parity_difference": estimate(point_dp[0], boot_dp if len(weights) else None),
+        "equalized_odds_difference": estimate(point_eo[0], boot_eo if len(weights) else None),
+        "fairness_method": _fairness_method(classes),
+        "top_confusions": top_confusions(counts, classes, top_k),
     }
+    if n_classes <= FULL_CONFUSION_MAX_CLASSES:
+        out["confusion_matrix"] = {"labels": classes, "counts": counts.tolist()}
+    return out
+
+
+def _fairness_method(classes: list[str]) -> str:
+    if len(classes) == 2:
+        return f"binary, positive label {classes[0]!r} (fairlearn's definitions)"
+    return "one-vs-rest per class, the largest difference over classes"
 
 
 def headline_samples(
-    correct: np.ndarray, y_true: np.ndarray, groups: np.ndarray, weights: np.ndarray
+    correct: np.ndarray,
+    y_true: np.ndarray,
+    groups: np.ndarray,
+    weights: np.ndarray,
+    *,
+    min_cell_size: int = 0,
 ) -> dict[str, np.ndarray]:
     """Accuracy, worst-group (cell) accuracy and group accuracy gap: row 0 the estimate on the data,
-    then one row per resample of `weights`. Shared resamples make two models' differences paired."""
+    then one row per resample of `weights`. Shared resamples make two models' differences paired.
+    Cells and groups with fewer than `min_cell_size` images are left out of the worst and the gap."""
     correct = np.asarray(correct, dtype=np.float64)
-    rows = np.vstack([np.ones((1, len(correct))), weights])
-    cells = sorted(set(zip(y_true, groups, strict=True)))
-    cell_members = np.stack([(y_true == c) & (groups == g) for c, g in cells]).astype(np.float64)
-    group_members = _members(groups, sorted(set(groups)))
-    with np.errstate(all="ignore"):
-        worst = np.nanmin(weighted_means(correct, cell_members, rows), axis=1)
+    weights = np.asarray(weights, dtype=np.float64).reshape(-1, len(correct))
+    rows_t = transposed(np.vstack([np.ones((1, len(correct))), weights]))
+    cell_keys = pd.MultiIndex.from_arrays(
+        [np.asarray(y_true).astype(str), np.asarray(groups).astype(str)]
+    )
+    cell_idx, cell_names = pd.factorize(cell_keys, sort=True)
+    group_idx, group_names = pd.factorize(np.asarray(groups).astype(str), sort=True)
+    cells = grouped_summary(
+        correct,
+        cell_idx,
+        len(cell_names),
+        rows_t,
+        judged=np.bincount(cell_idx, minlength=len(cell_names)) >= min_cell_size,
+    )
+    group = grouped_summary(
+        correct,
+        group_idx,
+        len(group_names),
+        rows_t,
+        judged=np.bincount(group_idx, minlength=len(group_names)) >= min_cell_size,
+    )
     return {
-        "accuracy": rows @ correct / len(correct),
-        "worst_group_accuracy": worst,
-        "accuracy_gap": _spread(weighted_means(correct, group_members, rows)),
+        "accuracy": np.vstack([np.ones((1, len(correct))), weights]) @ correct / len(correct),
+        "worst_group_accuracy": cells["boot_min"],
+        "accuracy_gap": group["boot_max"] - group["boot_min"],
     }

@@ -1,8 +1,9 @@
-"""Classifier architectures: the built-in small GAP CNN and any torchvision classifier by name."""
+"""The built-in small GAP CNN; `build_model`, `check_arch`, `default_layer` for every model source."""
 
 from __future__ import annotations
 
-import difflib
+from pathlib import Path
+from typing import Any
 
 import torchvision
 from torch import nn
@@ -47,26 +48,28 @@ def torchvision_classifiers() -> list[str]:
 
 
 class ArchError(ValueError):
-    """An architecture name that is neither small_cnn nor a torchvision classifier."""
+    """An architecture that cannot be built: unknown name, bad hf: folder, python: import error."""
 
 
-def check_arch(arch: str) -> None:
-    """Raise a clear error for an architecture name that is neither small_cnn nor torchvision's."""
-    names = torchvision_classifiers()
-    if arch != SMALL_CNN and arch not in names:
-        close = difflib.get_close_matches(arch, [SMALL_CNN, *names], n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ArchError(
-            f"unknown arch {arch!r}: use {SMALL_CNN!r} or a torchvision classifier{hint}"
-        )
+# The model sources live in audit.models.sources; these names stay importable from here.
+def check_arch(arch: str, base_dir: Path | str | None = None) -> None:
+    """Raise ArchError for an arch that cannot be built (see audit.models.sources.check_arch)."""
+    from audit.models.sources import check_arch as check
+
+    check(arch, base_dir)
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A freshly initialised classifier (no pretrained weights: nothing is downloaded)."""
-    check_arch(arch)
-    if arch == SMALL_CNN:
-        return SmallCNN(num_classes=num_classes)
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    base_dir: Path | str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A freshly initialised classifier (see audit.models.sources.build_model)."""
+    from audit.models.sources import build_model as build
+
+    return build(arch, num_classes, base_dir=base_dir, kwargs=kwargs)
 
 
 def default_layer(arch: str) -> str | None:

@@ -1,8 +1,16 @@
-"""Matplotlib charts for the report, as deterministic SVG text (no dates, fixed ids)."""
+"""Matplotlib charts for the report, as deterministic SVG text (no dates, fixed ids).
+
+Three separate, colour-blind-safe palettes, so that a colour never means two things:
+models take Okabe-Ito colours, groups take colours of Paul Tol's palettes, and the verdict colours
+(pass/fail) are used only for verdicts, always together with a text and an icon. Charts are drawn
+at about the width of a phone (3.9 in plus labels) with text of at least 9 pt, and keep their text as SVG text,
+so that they stay readable when a browser or a PDF scales them to the page.
+"""
 
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 import matplotlib
@@ -11,15 +19,41 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+MIN_FONT_PT = 9
 matplotlib.rcParams.update(
     {
         "svg.hashsalt": "audit-report",
-        "font.size": 9,
+        "svg.fonttype": "none",  # text stays text: searchable, sharp, measurable in tests
+        "font.family": "DejaVu Sans",
+        "font.size": MIN_FONT_PT,
+        "axes.titlesize": 10,
+        "axes.labelsize": MIN_FONT_PT,
+        "xtick.labelsize": MIN_FONT_PT,
+        "ytick.labelsize": MIN_FONT_PT,
+        "legend.fontsize": MIN_FONT_PT,
         "axes.spines.top": False,
         "axes.spines.right": False,
     }
 )
-PALETTE = ["#c0392b", "#2471a3", "#229954", "#b9770e", "#7d3c98", "#566573"]
+# Okabe & Ito (2008), without its green and vermillion, which read as pass and fail.
+MODEL_COLOURS = ["#E69F00", "#56B4E9", "#CC79A7", "#0072B2", "#F0E442", "#000000"]
+# Paul Tol's "muted" scheme (indigo, teal, sand, wine, ...): disjoint from the model colours.
+GROUP_COLOURS = ["#332288", "#44AA99", "#DDCC77", "#882255", "#88CCEE", "#999933", "#AA4499"]
+# Only for verdicts, always with an icon and the word PASS/FAIL beside the colour.
+VERDICT_COLOURS = {"pass": "#1A7F37", "fail": "#B42318"}
+REFERENCE_COLOUR = "#BBBBBB"  # the "uniform attention" reference bars (hatched)
+CHART_WIDTH_IN = 3.9
+HEATMAP_CMAP = "jet"  # the overlays' colour map (audit.report.overlays), shown by colour_bar
+
+
+def model_colours(names: list[str]) -> dict[str, str]:
+    """One fixed colour per model, in the run's model order."""
+    return {n: MODEL_COLOURS[i % len(MODEL_COLOURS)] for i, n in enumerate(names)}
+
+
+def group_colours(groups: list[str]) -> dict[str, str]:
+    """One fixed colour per group, in the run's (sorted) group order."""
+    return {g: GROUP_COLOURS[i % len(GROUP_COLOURS)] for i, g in enumerate(groups)}
 
 
 def _svg(fig: plt.Figure) -> str:
@@ -29,80 +63,132 @@ def _svg(fig: plt.Figure) -> str:
     return buffer.getvalue()
 
 
-def _errors(estimates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    values = np.array([e["value"] if e and e["value"] is not None else np.nan for e in estimates])
-    low = np.array([e["ci_low"] if e and e["ci_low"] is not None else np.nan for e in estimates])
-    high = np.array([e["ci_high"] if e and e["ci_high"] is not None else np.nan for e in estimates])
+def _wrap(label: str, width: int = 16) -> str:
+    return "\n".join(textwrap.wrap(label, width, break_long_words=True)) or label
+
+
+def _errors(estimates: list[dict[str, Any] | None]) -> tuple[np.ndarray, np.ndarray]:
+    def get(e: dict[str, Any] | None, key: str) -> float:
+        return e[key] if e and e.get(key) is not None else np.nan
+
+    values = np.array([get(e, "value") for e in estimates], dtype=float)
+    low = np.array([get(e, "ci_low") for e in estimates], dtype=float)
+    high = np.array([get(e, "ci_high") for e in estimates], dtype=float)
     err = np.stack([np.nan_to_num(values - low), np.nan_to_num(high - values)])
     return values, err
 
 
 def grouped_bars(
     categories: list[str],
-    series: dict[str, list[dict[str, Any]]],
-    ylabel: str,
+    series: dict[str, list[dict[str, Any] | None]],
+    xlabel: str,
     title: str,
+    colours: dict[str, str],
     percent: bool = True,
+    reference: str | None = None,
 ) -> str:
-    """Bars per category, one per series, with 95% CI error bars."""
-    fig, ax = plt.subplots(
-        figsize=(max(4.5, 0.9 * len(categories) * max(1, len(series)) ** 0.5 + 2), 2.8)
-    )
-    width = 0.8 / max(1, len(series))
-    x = np.arange(len(categories))
+    """Horizontal bars, one row of bars per category and one bar per series, with 95% CI whiskers.
+
+    Horizontal so that long category names never collide, whatever their number. `colours` maps
+    each series to its colour; the series named `reference` (if any) is drawn grey and hatched.
+    """
+    n_series = max(1, len(series))
+    bar = 0.8 / n_series
+    height = 0.9 + len(categories) * (0.19 * n_series + 0.12)
+    fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, height))
+    y = np.arange(len(categories))
     for i, (name, estimates) in enumerate(series.items()):
         values, err = _errors(estimates)
-        ax.bar(
-            x + (i - (len(series) - 1) / 2) * width,
-            values,
-            width,
-            yerr=err,
-            capsize=3,
+        is_ref = name == reference
+        ax.barh(
+            y + (i - (n_series - 1) / 2) * bar,
+            np.nan_to_num(values),
+            bar,
+            xerr=None if is_ref else err,
+            capsize=2,
             label=name,
-            color=PALETTE[i % len(PALETTE)],
+            color=REFERENCE_COLOUR if is_ref else colours[name],
+            hatch="///" if is_ref else None,
+            edgecolor="white" if is_ref else "none",
+            error_kw={"elinewidth": 0.8, "ecolor": "#333333"},
         )
-    ax.set_xticks(
-        x,
-        categories,
-        rotation=15 if len(categories) > 4 else 0,
-        ha="right" if len(categories) > 4 else "center",
-    )
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_yticks(y, [_wrap(c) for c in categories])
+    ax.invert_yaxis()  # first category on top, as in the tables
+    ax.set_xlabel(xlabel)
+    ax.set_title(_wrap(title, 60), loc="left")
     if percent:
-        ax.set_ylim(0, 1.05)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.set_xlim(0, 1.0)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MultipleLocator(0.25))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+    ax.grid(axis="x", color="#e5e5e5", linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.legend(
+        frameon=False,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0 + 0.35 / height),
+        ncol=min(2, n_series),
+        handlelength=1.2,
+        columnspacing=1.0,
+    )
     return _svg(fig)
 
 
-def stacked_shares(splits: dict[str, dict[str, dict[str, float]]], title: str) -> str:
-    """Per split and class, the share of each group: the bias of each training split at a glance."""
-    labels, groups = [], sorted({g for s in splits.values() for c in s.values() for g in c})
-    rows = []
+def _text_colour(hex_colour: str) -> str:
+    r, g, b = (int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+
+
+def stacked_shares(
+    splits: dict[str, dict[str, dict[str, float]]], title: str, colours: dict[str, str]
+) -> str:
+    """Per split and class, the share of each group (horizontal stacked bars): the bias of each
+    split at a glance."""
+    groups = list(colours)
+    labels, rows = [], []
     for split, classes in splits.items():
         for label, shares in classes.items():
-            labels.append(f"{split}\n{label}")
+            labels.append(_wrap(f"{split}: {label}", 20))
             rows.append([shares.get(g, 0.0) for g in groups])
     data = np.array(rows) if rows else np.zeros((0, len(groups)))
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(labels) + 1.5), 2.6))
-    bottom = np.zeros(len(labels))
+    height = 0.9 + 0.3 * len(labels)
+    fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, height))
+    y = np.arange(len(labels))
+    left = np.zeros(len(labels))
     for i, group in enumerate(groups):
-        ax.bar(labels, data[:, i], bottom=bottom, label=group, color=PALETTE[i % len(PALETTE)])
+        ax.barh(y, data[:, i], 0.7, left=left, label=group, color=colours[group])
         for j, value in enumerate(data[:, i]):
-            if value >= 0.08:
+            if value >= 0.1:
                 ax.text(
+                    left[j] + value / 2,
                     j,
-                    bottom[j] + value / 2,
                     f"{value:.0%}",
                     ha="center",
                     va="center",
-                    color="white",
-                    fontsize=7,
+                    color=_text_colour(colours[group]),
                 )
-        bottom += data[:, i]
-    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.set_title(title, fontsize=10)
-    ax.tick_params(axis="x", labelsize=7)
-    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+        left += data[:, i]
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+    ax.set_title(_wrap(title, 60), loc="left")
+    ax.legend(
+        frameon=False,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0 + 0.35 / height),
+        ncol=min(4, len(groups)),
+    )
+    return _svg(fig)
+
+
+def colour_bar(label: str, cmap: str = HEATMAP_CMAP) -> str:
+    """The heat maps' colour scale: each map is scaled to its own maximum before colouring."""
+    fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, 0.75))
+    gradient = np.linspace(0, 1, 256)[None, :]
+    ax.imshow(gradient, aspect="auto", cmap=cmap, extent=(0, 1, 0, 1))
+    ax.set_yticks([])
+    ax.set_xticks([0, 0.5, 1], ["0 (none)", "half", "the map's maximum"])
+    ax.set_xlabel(label)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     return _svg(fig)

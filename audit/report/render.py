@@ -1,35 +1,87 @@
 """Render a finished run folder into report.html (one offline file) and report.pdf (WeasyPrint).
 
 Everything shown is read from the run folder: metrics.json, run.json, config.json, samples.csv and
-the overlay PNGs. The logic lives here; the Jinja2 templates in templates/ only lay it out.
+the overlay PNGs. The logic lives here; the Jinja2 templates in templates/ only lay it out. Page one
+is written for the person who decides whether a model ships: per model, the decision in words, the
+one or two findings that decide it, the images to look at first and what to do next - every
+sentence computed from this run's metrics.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import re
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 from PIL import Image
 
 from audit.report import charts
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-MAX_FLIPPED_SHOWN = 24
+MAX_FLIPPED_SHOWN = 24  # counterfactual pairs the runner draws per model
+PAIRS_SHOWN = 8  # of those, pairs shown per model in the report
+DEFAULT_MISTAKES_PER_CELL = 4  # explain.mistakes_per_cell when config.json has none
+THUMB_QUALITY = 72  # JPEG quality of the embedded overlays
+PDF_ID_PREFIX = (
+    "audit-report-"  # PDF file identifier: marks a PDF this tool wrote, and for which HTML
+)
+# Parts of the page that change on every run or render (times) and are left out of its digest.
+VOLATILE = re.compile(r'<span class="volatile">[^<]*</span>')
+
+# What each built-in gate protects against and where its default threshold comes from; used when
+# metrics.json's gate rows do not carry these texts themselves (runs of earlier versions).
+GATE_TEXTS: dict[str, dict[str, str]] = {
+    "min_worst_group_accuracy": {
+        "protects": "A model that is accurate on average but fails one class x group cell, "
+        "e.g. women doctors taken for nurses.",
+        "why_default": "Every cell must be right at least 85% of the time: a floor that a model "
+        "trained on balanced data clears with room, and that a model leaning on the protected "
+        "attribute does not.",
+    },
+    "max_accuracy_gap": {
+        "protects": "A model that serves one group measurably worse than another.",
+        "why_default": "5 points: a gap larger than the sampling noise of a few hundred images "
+        "per group is treated as real.",
+    },
+    "max_protected_attention": {
+        "protects": "A model that decides from the protected attribute's cues (hair, face) "
+        "instead of what defines the class, even where its accuracy looks fine.",
+        "why_default": "30% of the Grad-CAM mass: well above the share of the image the "
+        "protected regions cover, so only attention concentrated on them fails.",
+    },
+    "max_flip_rate": {
+        "protects": "A model whose answer changes when only the protected attribute changes "
+        "(the same scene with the other group's cues).",
+        "why_default": "10% of the images: flips beyond the model's ordinary instability on "
+        "near-ties count as dependence on the group.",
+    },
+}
 
 
 class ReportError(ValueError):
     """A run folder that cannot be rendered."""
 
 
+# -- formatting ----------------------------------------------------------------------------------
 def pct(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def share_text(value: float | None) -> str:
+    """A share for a sentence: '38%', but '4.4%' below 10% so small regions keep a figure."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if abs(value) < 0.095 else f"{100 * value:.0f}%"
 
 
 def ci(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -> str:
@@ -41,6 +93,17 @@ def ci(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -
     if estimate.get("ci_low") is not None:
         text += f" [{fmt(estimate['ci_low'])}–{fmt(estimate['ci_high'])}]"
     return text
+
+
+def nowrap(text: Any) -> Markup:
+    """Text that must not break across lines (a figure with its interval), escaped."""
+    return Markup('<span class="nw">{}</span>').format(text)
+
+
+def ci_html(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -> Markup:
+    """A figure and its interval as two unbreakable pieces: a line may break between them only."""
+    value, _, interval = ci(estimate, digits, percent).partition(" ")
+    return nowrap(value) + (Markup(" ") + nowrap(interval) if interval else Markup(""))
 
 
 def points(estimate: dict[str, Any] | None) -> str:
@@ -62,19 +125,25 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["pct"] = pct
-    env.filters["ci"] = ci
-    env.filters["points"] = points
+    env.filters["ci"] = ci_html
+    env.filters["nw"] = nowrap
+    env.filters["points"] = lambda e: nowrap(points(e))
     return env
 
 
-def _data_uri(path: Path, mime_hint: str = "png") -> str | None:
-    """An image file as a data: URI, re-encoded as JPEG for photos to keep the page small."""
-    if not path.is_file():
-        return None
+@lru_cache(maxsize=4096)
+def _encoded(path: Path, mtime_ns: int) -> str:
     with Image.open(path) as image:
         buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="JPEG", quality=88, optimize=False)
+        image.convert("RGB").save(buffer, format="JPEG", quality=THUMB_QUALITY, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _data_uri(path: Path) -> str | None:
+    """An overlay as a small JPEG data: URI (the page stays one offline file)."""
+    if not path.is_file():
+        return None
+    return _encoded(path, path.stat().st_mtime_ns)
 
 
 def _svg_uri(svg: str) -> str:
@@ -94,7 +163,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             "run": json.loads((run_dir / "run.json").read_text()),
             "samples": pd.read_csv(
                 run_dir / "samples.csv",
-                dtype={"image": str, "label": str, "group": str},
+                dtype={"image": str, "label": str, "group": str, "prediction": str},
                 keep_default_na=False,
             ),
         }
@@ -110,50 +179,346 @@ def _region_label(region: str, data: dict[str, Any]) -> str:
     return region
 
 
-def findings(metrics: dict[str, Any]) -> list[str]:
-    """The few sentences a decision-maker needs, generated from the figures of this run."""
-    data, models = metrics["data"], metrics["models"]
-    protected = " and ".join(data["protected_regions"])
-    core = " and ".join(data["core_regions"]) or "the core regions"
-    names = list(models)
+def _region_words(region: str, data: dict[str, Any]) -> str:
+    """A region's name for a sentence: the union regions by their members."""
+    if region == "protected":
+        return " + ".join(data["protected_regions"])
+    if region == "core":
+        return " + ".join(data["core_regions"])
+    return region
 
-    def share(name: str, region: str) -> str:
-        overall = models[name]["attention"].get("gradcam", {}).get("overall", {})
-        return ci(overall.get(region, {}).get("share"), 1)
 
-    out = [
-        f"Share of Grad-CAM mass on {protected} (the protected attribute): "
-        + "; ".join(f"the {n} model {share(n, 'protected')}" for n in names)
-        + ".",
-        f"Share on {core} (what should decide the class): "
-        + "; ".join(f"the {n} model {share(n, 'core')}" for n in names)
-        + ".",
-    ]
-    parts = []
-    for n in names:
-        worst = models[n]["performance"]["worst_group_accuracy"]
-        parts.append(f"the {n} model {ci(worst, 1)} (worst cell: {worst.get('cell', 'n/a')})")
-    out.append("Worst-group accuracy: " + "; ".join(parts) + ".")
-    flips = "; ".join(
-        f"the {n} model {ci(models[n]['counterfactual']['flip_rate'], 1)}" for n in names
+def cell_of(label: str, group: str) -> str:
+    return f"{label} / {group or '(none)'}"
+
+
+# -- the misclassified images shown ----------------------------------------------------------------
+def choose_mistakes(model_rows: pd.DataFrame, cap: int) -> dict[str, dict[str, Any]]:
+    """Per class x group cell: the number of mistakes and the `cap` most confident ones.
+
+    The same choice the runner records as `mistakes_shown` (positions in the evaluated split, most
+    confident first, ties by position), derived from samples.csv for runs that do not record it.
+    """
+    rows = model_rows.reset_index(drop=True)
+    cells = [cell_of(lab, grp) for lab, grp in zip(rows["label"], rows["group"], strict=True)]
+    frame = pd.DataFrame(
+        {
+            "cell": cells,
+            "wrong": ~rows["correct"].astype(bool),
+            "confidence": rows["confidence"].astype(float),
+        }
     )
-    out.append(f"Predictions that flip when only the protected attribute changes: {flips}.")
-    for comparison in metrics.get("comparisons", []):
-        diff = comparison["attention_share_difference"].get("protected")
-        if diff and diff.get("ci_low") is not None:
-            excludes = diff["ci_low"] > 0 or diff["ci_high"] < 0
-            verdict = (
-                "the interval excludes zero"
-                if excludes
-                else "the interval includes zero: no clear difference"
-            )
-            out.append(
-                f"Protected-region attention, {comparison['b']} minus {comparison['a']}: "
-                f"{points(diff)} ({verdict})."
-            )
+    out = {}
+    for cell in sorted(set(cells)):
+        wrong = frame[(frame["cell"] == cell) & frame["wrong"]]
+        order = wrong.sort_values("confidence", ascending=False, kind="stable").index
+        out[cell] = {"n": len(wrong), "shown": [int(p) for p in order[:cap]]}
     return out
 
 
+def mistakes_shown(
+    metrics: dict[str, Any], by_model: dict[str, pd.DataFrame], config: dict[str, Any]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """model -> cell -> {"n", "shown"}: the runner's record where present, else derived."""
+    cap = int(config.get("explain", {}).get("mistakes_per_cell", DEFAULT_MISTAKES_PER_CELL))
+    out = {}
+    for name, rows in by_model.items():
+        recorded = metrics["models"][name].get("mistakes_shown")
+        out[name] = recorded if recorded is not None else choose_mistakes(rows, cap)
+    return out
+
+
+# -- gates ------------------------------------------------------------------------------------------
+def _gate_facts(key: str) -> dict[str, Any]:
+    """The built-in gate's texts and default: audit.metrics.gates where it has them, else ours."""
+    facts: dict[str, Any] = dict(GATE_TEXTS.get(key, {}))
+    try:
+        from audit.metrics.gates import GATES
+
+        gate = GATES.get(key)
+    except ImportError:  # pragma: no cover - the gates module is part of the package
+        gate = None
+    for name in ("protects", "why_default", "default"):
+        if getattr(gate, name, None) is not None:
+            facts[name] = getattr(gate, name)
+    return facts
+
+
+def _threshold_text(gate: dict[str, Any], threshold: float | None = None) -> str:
+    value = gate["threshold"] if threshold is None else threshold
+    if gate["gate"] == "max_accuracy_gap":
+        return f"{100 * value:.0f} points"
+    return pct(value)
+
+
+def gate_legend(gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per applying gate: what it checks, what it protects against, and where its threshold
+    comes from (the gate row's own texts where metrics.json has them, else the built-in ones)."""
+    rows, seen = [], set()
+    for gate in gates:
+        key = gate["gate"]
+        if key in seen:
+            continue
+        seen.add(key)
+        facts = _gate_facts(key)
+        protects = gate.get("protects") or facts.get("protects", "")
+        why = gate.get("why_default") or facts.get("why_default", "")
+        default = gate.get("default", facts.get("default"))
+        source = gate.get("source")
+        if source is None and default is not None:  # runs of earlier versions record no source
+            source = "default" if abs(gate["threshold"] - default) < 1e-12 else "config"
+        limit = f"{gate['op']} {_threshold_text(gate)}"
+        if source == "default":
+            origin = f"{limit}, the default. {why}"
+        elif default is not None:
+            origin = (
+                f"{limit}, set in the run's config (the default is "
+                f"{gate['op']} {_threshold_text(gate, default)}). {why}"
+            )
+        else:
+            origin = f"{limit}, set in the run's config."
+        rows.append({"gate": key, "label": gate["label"], "protects": protects, "origin": origin})
+    return rows
+
+
+# -- page one: the decision ---------------------------------------------------------------------------
+def _cell_words(cell: str) -> str:
+    label, _, group = cell.partition(" / ")
+    return f"{group} {label}" if group and group != "(none)" else label
+
+
+def _severity(gate: dict[str, Any]) -> float:
+    """How far a gate is on the wrong side of its threshold, relative to it (larger = worse)."""
+    value, threshold = gate.get("value"), gate["threshold"]
+    if value is None:
+        return float("inf")
+    scale = max(abs(threshold), 0.01)
+    return (threshold - value) / scale if gate["op"] == ">=" else (value - threshold) / scale
+
+
+def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, Any]) -> Markup:
+    """One sentence about one gate of one model, with the measured figures."""
+    key, value, passed = gate["gate"], gate.get("value"), gate["passed"]
+    limit = nowrap(f"{'at least' if gate['op'] == '>=' else 'at most'} {_threshold_text(gate)}")
+    if value is None:
+        return Markup("{} could not be measured in this run, so the gate fails ({}).").format(
+            gate["label"].capitalize(), limit
+        )
+    perf = model.get("performance", {})
+    if key == "max_protected_attention":
+        regions = _region_words("protected", data)
+        area = data.get("region_area", {}).get("protected")
+        covers = (
+            Markup(", which cover {} of the image").format(nowrap(share_text(area)))
+            if area is not None
+            else ""
+        )
+        lead = (
+            Markup("it decides from {} rather than from {}: ").format(
+                regions, _region_words("core", data) or "the class's own cues"
+            )
+            if not passed
+            else ""
+        )
+        return Markup("{}{} of its Grad-CAM falls on {}{} (limit: {}).").format(
+            lead, nowrap(share_text(value)), regions, covers, limit
+        )
+    if key == "min_worst_group_accuracy":
+        worst = perf.get("worst_group_accuracy", {}).get("cell", "the worst cell")
+        per_cell = perf.get("per_cell", {})
+        best = max(per_cell, key=lambda c: per_cell[c]["value"] or 0.0) if per_cell else None
+        against = (
+            Markup(", against {} of {} images").format(
+                nowrap(share_text(per_cell[best]["value"])), _cell_words(best)
+            )
+            if best and best != worst
+            else ""
+        )
+        if passed:
+            return Markup(
+                "its weakest cell, {} images, is right {} of the time{} (limit: {} in every cell)."
+            ).format(_cell_words(worst), nowrap(share_text(value)), against, limit)
+        return Markup(
+            "it fails on {} images: right for {} of them{} (limit: {} in every cell)."
+        ).format(_cell_words(worst), nowrap(share_text(value)), against, limit)
+    if key == "max_accuracy_gap":
+        groups = perf.get("per_group", {})
+        parts = ", ".join(
+            f"{g} {share_text(e['value'])}" for g, e in groups.items() if e.get("value") is not None
+        )
+        return Markup("accuracy differs between groups by {} ({}; limit: {}).").format(
+            nowrap(f"{100 * value:.1f} points"), parts, limit
+        )
+    if key == "max_flip_rate":
+        cf = model.get("counterfactual", {})
+        how = (
+            "its twin with the group's cues swapped"
+            if cf.get("from_twins")
+            else ("the protected regions blanked out")
+        )
+        lead = "its answer depends on the group: " if not passed else ""
+        return Markup(
+            "{}changing only the protected attribute ({}) changes its prediction for {} of "
+            "the images (limit: {})."
+        ).format(lead, how, nowrap(share_text(value)), limit)
+    return Markup("{} is {} (limit: {}).").format(
+        gate["label"].capitalize(), nowrap(share_text(value)), limit
+    )
+
+
+def attention_sentence(name: str, model: dict[str, Any], data: dict[str, Any]) -> Markup | None:
+    """What is measured of where the model's Grad-CAM falls: shares and the regions' areas.
+
+    The protected and core unions, plus the region (outside both) that takes the most mass.
+    """
+    gradcam = model.get("attention", {}).get("gradcam", {})
+    overall = gradcam.get("overall", {})
+    if not overall:
+        return None
+    members = set(data["protected_regions"]) | set(data["core_regions"]) | {"person"}
+    others = [
+        r for r in overall if r not in members | {"protected", "core"} and overall[r].get("share")
+    ]
+    others.sort(key=lambda r: -(overall[r]["share"].get("value") or 0.0))
+    regions = [r for r in ("protected", "core") if r in overall] + others[:1]
+    regions.sort(key=lambda r: -(overall[r]["share"].get("value") or 0.0))
+    area = data.get("region_area", {})
+    parts = []
+    for r in regions:
+        value = overall[r]["share"].get("value")
+        covers = (
+            Markup(" (which cover {} of the image)").format(nowrap(share_text(area[r])))
+            if area.get(r) is not None
+            else ""
+        )
+        parts.append(
+            Markup("{} on {}{}").format(nowrap(share_text(value)), _region_words(r, data), covers)
+        )
+    n = gradcam.get("n_images")
+    over = f" over {n} images" if n else ""
+    return Markup("Measured{}, {}'s Grad-CAM mass falls {}.").format(
+        over, name, Markup("; ").join(parts)
+    )
+
+
+def data_step(model: dict[str, Any], data: dict[str, Any], cells: list[str]) -> Markup:
+    """What to do about the data of the weak cells, from the training split's cell counts."""
+    names = ", ".join(_cell_words(c) for c in cells)
+    split = model.get("train_split")
+    counts = data.get("splits", {}).get(split, {}).get("cells") if split else None
+    if not counts:
+        return Markup("Collect more training images of {}.").format(names)
+    largest = max(counts, key=counts.get)
+    have = ", ".join(f"{counts.get(c, 0)} {_cell_words(c)}" for c in cells)
+    if all(counts.get(c, 0) >= counts[largest] for c in cells):
+        return Markup(
+            "The training split “{}” already has as many {} images as any other cell ({}): "
+            "collect more, and more varied, images of them."
+        ).format(split, names, counts[largest])
+    return Markup(
+        "Rebalance the training split “{}” or collect more images of {}: it has {} images, "
+        "against {} {}."
+    ).format(split, names, have, counts[largest], _cell_words(largest))
+
+
+def decisions(
+    metrics: dict[str, Any],
+    mistakes: dict[str, dict[str, dict[str, Any]]],
+    anchors: dict[str, dict[str, str]],
+) -> list[dict[str, Any]]:
+    """Per model: ship or not, why, which images first, what next - all from the metrics."""
+    data = metrics["data"]
+    out = []
+    for name, model in metrics["models"].items():
+        rows = [g for g in metrics["gates"] if g["model"] == name]
+        failed = sorted((g for g in rows if not g["passed"]), key=_severity, reverse=True)
+        verdict = metrics["verdicts"].get(name, "fail")
+        if not rows:
+            headline = Markup("No gate is configured, so this audit does not clear {}.").format(
+                name
+            )
+            ship = False
+        elif verdict == "pass" and not failed:
+            headline = Markup("{} can ship: it passes all {} gates.").format(name, len(rows))
+            ship = True
+        else:
+            headline = Markup("Do not ship {}: it fails {} of {} gates.").format(
+                name, len(failed), len(rows)
+            )
+            ship = False
+        if failed:
+            why = [gate_sentence(g, model, data) for g in failed[:2]]
+        else:  # the two gates it passes with the least room
+            closest = sorted(rows, key=_severity, reverse=True)[:2]
+            why = [gate_sentence(g, model, data) for g in closest]
+        why = [Markup(s[0].upper()) + s[1:] if s else s for s in why]
+        # Images to look at first: the worst cell's mistakes, else the cell with the most.
+        cells = mistakes.get(name, {})
+        worst = model.get("performance", {}).get("worst_group_accuracy", {}).get("cell")
+        with_mistakes = [c for c, v in cells.items() if v["n"]]
+        first = (
+            worst
+            if worst in with_mistakes
+            else max(with_mistakes, key=lambda c: cells[c]["n"], default=None)
+        )
+        look = None
+        if first is not None:
+            n, shown = cells[first]["n"], len(cells[first]["shown"])
+            look = {
+                "href": "#" + anchors[name][first],
+                "text": Markup("the {} misclassified {} images{}").format(
+                    n,
+                    _cell_words(first),
+                    Markup(" (the {} most confident mistakes are shown)").format(shown)
+                    if shown < n
+                    else "",
+                ),
+            }
+        # What next.
+        steps: list[Markup] = []
+        if not ship:
+            per_cell = model.get("performance", {}).get("per_cell", {})
+            floor = next(
+                (g["threshold"] for g in rows if g["gate"] == "min_worst_group_accuracy"), None
+            )
+            weak = sorted(
+                (
+                    c
+                    for c, e in per_cell.items()
+                    if e.get("value") is not None and floor is not None and e["value"] < floor
+                ),
+                key=lambda c: per_cell[c]["value"],
+            )[:2] or ([worst] if worst else [])
+            if weak:
+                steps.append(data_step(model, data, weak))
+            steps.append(
+                Markup(
+                    "Retrain {}, then re-run this audit: every gate must pass before it ships."
+                ).format(name)
+            )
+        else:
+            steps.append(
+                Markup(
+                    "Ship {}; re-run this audit after any retraining or change of data, and on "
+                    "data from the population it will serve."
+                ).format(name)
+            )
+        out.append(
+            {
+                "model": name,
+                "ship": ship,
+                "verdict": verdict,
+                "headline": headline,
+                "why": why,
+                "looks": attention_sentence(name, model, data),
+                "look_first": look,
+                "next": steps,
+            }
+        )
+    return out
+
+
+# -- tables and galleries -------------------------------------------------------------------------------
 def _perf_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for label, key, percent in [
@@ -167,7 +532,7 @@ def _perf_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "label": label,
                 "values": [
-                    ci(m["performance"][key], 1 if percent else 0, percent)
+                    ci_html(m["performance"][key], 1 if percent else 0, percent)
                     for m in metrics["models"].values()
                 ],
             }
@@ -176,108 +541,155 @@ def _perf_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _gallery(
-    run_dir: Path, metrics: dict[str, Any], samples: pd.DataFrame, config: dict[str, Any]
+    run_dir: Path,
+    metrics: dict[str, Any],
+    by_model: dict[str, pd.DataFrame],
+    config: dict[str, Any],
+    mistakes: dict[str, dict[str, dict[str, Any]]],
+    anchors: dict[str, dict[str, str]],
+    cell_ids: dict[str, str],
 ) -> dict[str, Any]:
     names = list(metrics["models"])
-    methods = [m for m in config["explain"]["methods"]]
-    first = samples[samples["model"] == names[0]].reset_index(drop=True)
-    by_model = {n: samples[samples["model"] == n].reset_index(drop=True) for n in names}
-    cells: dict[str, list[dict[str, Any]]] = {}
+    methods = list(config["explain"]["methods"])
+    overlays = run_dir / "overlays"
+    first = by_model[names[0]]
+
+    def image(position: int) -> str | None:
+        return _data_uri(overlays / "images" / f"{position:05d}.png")
+
+    cells: dict[str, dict[str, Any]] = {}
     for position in metrics["gallery"]:
         row = first.iloc[position]
-        cell = f"{row['label']} / {row['group'] or '(none)'}"
-        item = {
-            "image": _data_uri(run_dir / "overlays" / "images" / f"{position:05d}.png"),
-            "caption": row["image"],
-            "models": [],
-        }
+        cell = cell_of(row["label"], row["group"])
+        item = {"image": image(position), "caption": row["image"], "tiles": []}
         for n in names:
             r = by_model[n].iloc[position]
-            item["models"].append(
-                {
-                    "name": n,
-                    "prediction": r["prediction"],
-                    "confidence": float(r["confidence"]),
-                    "correct": bool(r["correct"]),
-                    "maps": [
-                        {
-                            "method": m,
-                            "uri": _data_uri(
-                                run_dir / "overlays" / n / m / "pred" / f"{position:05d}.png"
-                            ),
-                        }
-                        for m in methods
-                    ],
-                }
-            )
-        cells.setdefault(cell, []).append(item)
+            for m in methods:
+                item["tiles"].append(
+                    {
+                        "uri": _data_uri(overlays / n / m / "pred" / f"{position:05d}.png"),
+                        "caption": f"{r['prediction']} {pct(float(r['confidence']))}",
+                        "correct": bool(r["correct"]),
+                    }
+                )
+        entry = cells.setdefault(cell, {"id": cell_ids.get(cell, ""), "items": []})
+        entry["items"].append(item)
+    columns = [f"{n} · {m}" for n in names for m in methods]
+
     misclassified = {}
+    mistakes_csv = (run_dir / "mistakes.csv").is_file()
     for n in names:
-        wrong = by_model[n][~by_model[n]["correct"].astype(bool)]
-        items = []
-        for position, r in wrong.iterrows():
-            items.append(
+        rows = by_model[n]
+        model_cells = []
+        for cell, choice in mistakes[n].items():
+            if not choice["n"]:
+                continue
+            items = []
+            for position in choice["shown"]:
+                r = rows.iloc[position]
+                items.append(
+                    {
+                        "caption": r["image"],
+                        "detail": f"→ {r['prediction']} {pct(float(r['confidence']))}",
+                        "image": image(position),
+                        "tiles": [
+                            {
+                                "uri": _data_uri(overlays / n / m / t / f"{position:05d}.png"),
+                                "caption": "",
+                            }
+                            for m in methods
+                            for t in ("pred", "true")
+                        ],
+                    }
+                )
+            model_cells.append(
                 {
-                    "caption": r["image"],
-                    "label": r["label"],
-                    "group": r["group"],
-                    "prediction": r["prediction"],
-                    "confidence": float(r["confidence"]),
-                    "image": _data_uri(run_dir / "overlays" / "images" / f"{position:05d}.png"),
-                    "maps": [
-                        {
-                            "method": m,
-                            "target": t,
-                            "uri": _data_uri(
-                                run_dir / "overlays" / n / m / t / f"{position:05d}.png"
-                            ),
-                        }
-                        for m in methods
-                        for t in ("pred", "true")
-                    ],
+                    "cell": cell,
+                    "id": anchors[n][cell],
+                    "n": choice["n"],
+                    "items": items,
+                    "more": choice["n"] - len(items),
                 }
             )
-        misclassified[n] = items
+        misclassified[n] = {
+            "cells": model_cells,
+            "total": sum(c["n"] for c in model_cells),
+        }
+    mistake_columns = [
+        f"{m} · {'predicted' if t == 'pred' else 'true'} class"
+        for m in methods
+        for t in ("pred", "true")
+    ]
+
     flipped = {}
     for n in names:
-        rows = by_model[n][by_model[n]["flipped"].astype(bool)]
+        rows = by_model[n]
+        flips = rows[rows["flipped"].astype(bool)]
         shown = []
-        for position, r in rows.head(MAX_FLIPPED_SHOWN).iterrows():
+        for position, r in flips.iterrows():
+            uri = _data_uri(overlays / "counterfactuals" / n / f"{position:05d}.png")
+            if uri is None:
+                continue
+            source = r.get("counterfactual_source", "twin")
             shown.append(
                 {
                     "caption": r["image"],
-                    "group": r["group"],
+                    "cell": _cell_words(cell_of(r["label"], r["group"])),
                     "prediction": r["prediction"],
                     "cf_prediction": r["counterfactual_prediction"],
-                    "source": r["counterfactual_source"],
-                    "uri": _data_uri(
-                        run_dir / "overlays" / "counterfactuals" / n / f"{position:05d}.png"
-                    ),
+                    "twin": "twin" if source == "twin" else "protected regions filled",
+                    "uri": uri,
                 }
             )
-        flipped[n] = {"shown": shown, "total": len(rows)}
-    return {"cells": cells, "misclassified": misclassified, "flipped": flipped, "methods": methods}
+            if len(shown) == PAIRS_SHOWN:
+                break
+        flipped[n] = {"shown": shown, "total": len(flips)}
+    return {
+        "cells": cells,
+        "columns": columns,
+        "misclassified": misclassified,
+        "mistake_columns": mistake_columns,
+        "mistakes_file": "mistakes.csv" if mistakes_csv else None,
+        "flipped": flipped,
+        "methods": methods,
+    }
 
 
 def build_context(run_dir: Path) -> dict[str, Any]:
     """Everything the template shows, computed from the run folder."""
+    run_dir = Path(run_dir)
     loaded = load_run(run_dir)
     metrics, config, run = loaded["metrics"], loaded["config"], loaded["run"]
     data, models = metrics["data"], metrics["models"]
     names = list(models)
+    samples = loaded["samples"]
+    by_model = {n: samples[samples["model"] == n].reset_index(drop=True) for n in names}
     cells = sorted({c for m in models.values() for c in m["performance"]["per_cell"]})
     groups = data["groups"]
+    model_colours = charts.model_colours(names)
+    group_colours = charts.group_colours(groups)
     regions = ["protected", "core"] + [r for r in data["regions"] if r not in ("person",)]
     regions = [
         r
         for r in regions
         if r in next(iter(models.values()))["attention"].get("gradcam", {}).get("overall", {})
     ]
+    region_labels = [_region_label(r, data) for r in regions]
+
+    mistakes = mistakes_shown(metrics, by_model, config)
+    all_cells = sorted(set(cells) | {c for m in mistakes.values() for c in m})
+    cell_ids = {c: f"cell-{i}" for i, c in enumerate(all_cells)}
+    anchors = {
+        n: {c: f"mistakes-{mi}-{cell_ids[c].split('-')[1]}" for c in mistakes[n]}
+        for mi, n in enumerate(names)
+    }
+
     chart_cells = charts.grouped_bars(
         cells,
         {n: [models[n]["performance"]["per_cell"].get(c) for c in cells] for n in names},
         "accuracy",
         "Accuracy per class x group cell (95% CI)",
+        model_colours,
     )
     attention_charts = []
     for n in names:
@@ -291,16 +703,18 @@ def build_context(run_dir: Path) -> dict[str, Any]:
                 "model": n,
                 "uri": _svg_uri(
                     charts.grouped_bars(
-                        [_region_label(r, data) for r in regions],
+                        region_labels,
                         series,
                         "share of Grad-CAM mass",
                         f"{n}: where Grad-CAM looks, by group (95% CI)",
+                        group_colours,
                     )
                 ),
             }
         )
+    reference = "area (uniform attention)"
     compare_chart = charts.grouped_bars(
-        [_region_label(r, data) for r in regions],
+        region_labels,
         {
             n: [
                 models[n]["attention"].get("gradcam", {}).get("overall", {}).get(r, {}).get("share")
@@ -309,19 +723,22 @@ def build_context(run_dir: Path) -> dict[str, Any]:
             for n in names
         }
         | {
-            "region's area (uniform attention)": [
+            reference: [
                 {"value": data.get("region_area", {}).get(r), "ci_low": None, "ci_high": None}
                 for r in regions
             ]
         },
         "share of Grad-CAM mass",
         "Grad-CAM mass per region, models side by side (95% CI)",
+        model_colours,
+        reference=reference,
     )
     flip_chart = charts.grouped_bars(
         groups,
         {n: [models[n]["counterfactual"]["per_group"].get(g) for g in groups] for n in names},
         "flip rate",
         "Counterfactual flip rate by group (95% CI)",
+        model_colours,
     )
     train_splits = {s: v["group_share_per_class"] for s, v in data["splits"].items()}
     attention_tables = []
@@ -342,8 +759,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
             rows.append(
                 {
                     "scope": scope,
-                    "values": [ci(node.get(r, {}).get("share")) for r in regions],
-                    "hits": [ci(node.get(r, {}).get("hit")) for r in regions],
+                    "values": [ci_html(node.get(r, {}).get("share")) for r in regions],
                 }
             )
         attention_tables.append({"model": n, "rows": rows, "n": gradcam.get("n_images")})
@@ -363,30 +779,32 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         }
         for c in metrics.get("comparisons", [])
     ]
-    differences = []
-    for comparison in metrics.get("comparisons", []):
-        differences.append(
-            {
-                "a": comparison["a"],
-                "b": comparison["b"],
-                "rows": [
-                    {
-                        "region": _region_label(r, data),
-                        "value": points(comparison["attention_share_difference"].get(r)),
-                    }
-                    for r in regions
-                ],
-            }
-        )
+    differences = [
+        {
+            "a": comparison["a"],
+            "b": comparison["b"],
+            "rows": [
+                {
+                    "region": _region_label(r, data),
+                    "value": points(comparison["attention_share_difference"].get(r)),
+                }
+                for r in regions
+            ],
+        }
+        for comparison in metrics.get("comparisons", [])
+    ]
     gates = metrics["gates"]
     return {
         "title": config.get("title", "Bias audit"),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "models": names,
+        "model_colours": model_colours,
+        "group_colours": group_colours,
         "model_info": models,
         "verdicts": metrics["verdicts"],
+        "decisions": decisions(metrics, mistakes, anchors),
         "gates": gates,
-        "findings": findings(metrics),
+        "gate_legend": gate_legend(gates),
         "data": data,
         "split_cells": {s: v["cells"] for s, v in data["splits"].items()},
         "all_cells": sorted({c for v in data["splits"].values() for c in v["cells"]}),
@@ -394,7 +812,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "per_cell_rows": [
             {
                 "cell": c,
-                "values": [ci(models[n]["performance"]["per_cell"].get(c), 1) for n in names],
+                "values": [ci_html(models[n]["performance"]["per_cell"].get(c), 1) for n in names],
                 "n": next(
                     (
                         models[n]["performance"]["per_cell"][c]["n"]
@@ -413,15 +831,20 @@ def build_context(run_dir: Path) -> dict[str, Any]:
             "compare": _svg_uri(compare_chart),
             "flips": _svg_uri(flip_chart),
             "bias": _svg_uri(
-                charts.stacked_shares(train_splits, "Group share within each class, per split")
+                charts.stacked_shares(
+                    train_splits, "Group share within each class, per split", group_colours
+                )
+            ),
+            "heat_scale": _svg_uri(
+                charts.colour_bar("Grad-CAM overlay colour: each map scaled to its own maximum")
             ),
         },
-        "regions": [_region_label(r, data) for r in regions],
+        "regions": region_labels,
         "attention_tables": attention_tables,
         "differences": differences,
         "perf_differences": perf_differences,
         "counterfactual": {n: models[n]["counterfactual"] for n in names},
-        "gallery": _gallery(run_dir, metrics, loaded["samples"], config),
+        "gallery": _gallery(run_dir, metrics, by_model, config, mistakes, anchors, cell_ids),
         "config_text": json.dumps(config, indent=2),
         "run": run,
         "seed": metrics["seed"],
@@ -435,24 +858,53 @@ def render_html(run_dir: Path) -> str:
     return environment().get_template("report.html.j2").render(**context)
 
 
+def content_digest(html: str) -> str:
+    """SHA-256 of the page without its times: equal for an unchanged re-render."""
+    return hashlib.sha256(VOLATILE.sub("", html).encode("utf-8")).hexdigest()
+
+
+def pdf_digest(path: Path) -> str | None:
+    """The content digest a PDF written by this tool carries in its file identifier, else None."""
+    try:
+        tail = path.read_bytes()[-65536:]
+    except OSError:
+        return None
+    found = re.search(rb"\(" + PDF_ID_PREFIX.encode() + rb"([0-9a-f]{64})\)", tail)
+    return found.group(1).decode() if found else None
+
+
 def render_report(
     run_dir: Path, *, pdf: bool = True, echo: Callable[[str], None] = print
 ) -> tuple[Path, Path | None]:
-    """Write report.html and report.pdf into the run folder (each written whole, then renamed)."""
+    """Write report.html and report.pdf into the run folder (each written whole, then renamed).
+
+    Without the PDF, a report.pdf this tool wrote from different content is removed, so that a
+    stale PDF never sits beside the new page; a report.pdf the tool did not write is left alone.
+    """
     run_dir = Path(run_dir)
     html = render_html(run_dir)
+    digest = content_digest(html)
     html_path = run_dir / "report.html"
     tmp = html_path.with_suffix(".html.tmp")
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(html_path)
     echo(f"report: {html_path} ({html_path.stat().st_size / 1e6:.1f} MB)")
-    pdf_path = None
-    if pdf:
-        from weasyprint import HTML
+    pdf_path = run_dir / "report.pdf"
+    if not pdf:
+        if pdf_path.is_file():
+            old = pdf_digest(pdf_path)
+            if old is None:
+                echo(f"report: left {pdf_path} as it is: audit did not write it")
+            elif old != digest:
+                pdf_path.unlink()
+                echo(f"report: removed {pdf_path}: it showed an earlier version of the report")
+        return html_path, None
+    from weasyprint import HTML
 
-        pdf_path = run_dir / "report.pdf"
-        tmp_pdf = pdf_path.with_suffix(".pdf.tmp")
-        HTML(string=html, base_url=str(run_dir)).write_pdf(tmp_pdf)
-        tmp_pdf.replace(pdf_path)
-        echo(f"report: {pdf_path} ({pdf_path.stat().st_size / 1e6:.1f} MB)")
+    tmp_pdf = pdf_path.with_suffix(".pdf.tmp")
+    HTML(string=html, base_url=str(run_dir)).write_pdf(
+        tmp_pdf, pdf_identifier=(PDF_ID_PREFIX + digest).encode("ascii")
+    )
+    tmp_pdf.replace(pdf_path)
+    echo(f"report: {pdf_path} ({pdf_path.stat().st_size / 1e6:.1f} MB)")
     return html_path, pdf_path

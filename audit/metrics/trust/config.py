@@ -1,0 +1,84 @@
+"""The `[trust]` table of the audit config: which explanation sanity checks run, and how.
+
+```toml
+[trust]
+enabled = true                    # false: no trust checks
+samples = 256                     # seeded sample of the evaluation split the checks run on
+max_randomized_correlation = 0.5  # a method passes when its Spearman after the full cascade is below
+steps = 20                        # deletion/insertion steps (20 = 5% of the pixels per step)
+deletion_baseline = "zero"        # what deleted pixels become: "zero" (black), "blur" or "mean"
+blur_sigma = 5.0                  # pixels; the blurred image insertion starts from and "blur" fills
+occlusion_fills = ["mean", "blur"]  # region occlusion: the image's mean colour, its blurred self
+cascade = "block"                 # randomization step: "block" (a layer and its norm) or "module"
+batch_size = 256                  # images per forward pass of the perturbation checks
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DELETION_BASELINES = ("zero", "blur", "mean")
+OCCLUSION_FILLS = ("mean", "blur")
+CASCADES = ("block", "module")
+
+
+def _config_error(message: str) -> ValueError:
+    """The project's ConfigError (a ValueError), imported late: audit.config may import this module."""
+    try:
+        from audit.config import ConfigError
+    except ImportError:  # pragma: no cover - audit.config is part of the package
+        return ValueError(message)
+    return ConfigError(message)
+
+
+@dataclass
+class TrustConfig:
+    """Settings of the trust checks; `check()` raises one line naming the first bad key."""
+
+    enabled: bool = True
+    samples: int = 256
+    max_randomized_correlation: float = 0.5
+    steps: int = 20
+    deletion_baseline: str = "zero"
+    blur_sigma: float = 5.0
+    occlusion_fills: list[str] = field(default_factory=lambda: list(OCCLUSION_FILLS))
+    cascade: str = "block"
+    batch_size: int = 256
+
+    def check(self) -> None:
+        """Raise ConfigError (a ValueError) naming the key, e.g. `trust.samples must be > 0, got 0`."""
+
+        def fail(key: str, rule: str) -> None:
+            raise _config_error(f"trust.{key} must be {rule}, got {getattr(self, key)!r}")
+
+        if not isinstance(self.enabled, bool):
+            fail("enabled", "true or false")
+        for key in ("samples", "steps", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(key, "an integer > 0")
+        if self.steps > 1000:
+            fail("steps", "at most 1000")
+        threshold = self.max_randomized_correlation
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not (0.0 <= threshold <= 1.0)
+        ):
+            fail("max_randomized_correlation", "a number in [0, 1]")
+        sigma = self.blur_sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            fail("blur_sigma", "a number > 0 (pixels)")
+        if self.deletion_baseline not in DELETION_BASELINES:
+            fail("deletion_baseline", f"one of {', '.join(DELETION_BASELINES)}")
+        fills = self.occlusion_fills
+        if (
+            not isinstance(fills, list)
+            or not fills
+            or any(f not in OCCLUSION_FILLS for f in fills)
+            or len(set(fills)) != len(fills)
+        ):
+            fail("occlusion_fills", f"a non-empty list of distinct {' / '.join(OCCLUSION_FILLS)}")
+        if self.cascade not in CASCADES:
+            fail("cascade", f"one of {', '.join(CASCADES)}")

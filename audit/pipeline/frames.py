@@ -1,0 +1,196 @@
+"""Manifest rows -> model-frame tensors, decoded lazily (in DataLoader workers) one row at a time.
+
+A `FrameDataset` never holds a split in memory: each item is decoded from disk when asked for, and
+put through the model's own geometric preprocessing (resize / crop / pad), so images, region masks,
+boxes and twins all live in the frame the model sees. Normalisation is not applied here: items are
+floats in [0, 1], and the model normalises its own input (a forward pre-hook), so overlays, occlusion
+and counterfactual fills work on plain pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pandas as pd
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from audit.data.dataset import read_image
+from audit.data.manifest import Manifest, parse_box
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be decoded while the audit runs, naming the file and manifest line."""
+
+
+class Geometry(Protocol):
+    """What a FrameDataset needs of a model's preprocessing (see audit.data.preprocess)."""
+
+    def geometry(self, image: Tensor) -> Tensor: ...
+
+    def geometry_mask(self, mask: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Squash:
+    """The default frame: the whole image squashed to size x size (the audit's original behaviour)."""
+
+    size: int
+
+    def geometry(self, image: Tensor) -> Tensor:
+        return TF.resize(image, [self.size, self.size], antialias=True)
+
+    def geometry_mask(self, mask: Tensor) -> Tensor:
+        resized = TF.resize(
+            mask[None].to(torch.uint8),
+            [self.size, self.size],
+            interpolation=TF.InterpolationMode.NEAREST,
+        )
+        return resized[0] > 0
+
+
+def manifest_line(rows: pd.DataFrame, i: int) -> int:
+    """The manifest line of the i-th row of a split (line 1 is the header)."""
+    return int(rows.index[i]) + 2
+
+
+class FrameDataset(Dataset):
+    """Rows of a manifest split as dicts of tensors in a model's frame.
+
+    Every item has `index` (position in `rows`), `image` (3, h, w) float in [0, 1], `label` (class
+    index), `group` (index into `groups`, -1 for none) and `ok` (False for a skipped bad image).
+    With `regions`: `regions` (R, h, w) bool in the order given and `present` (R,) bool; with
+    `twins`: `twin` (3, h, w) and `twin_present`; with `protected` (region names): `protected`, the
+    union of those masks (h, w), for training that needs it.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        rows: pd.DataFrame,
+        classes: list[str],
+        frame: Geometry,
+        *,
+        groups: list[str] | None = None,
+        regions: list[str] | None = None,
+        twins: bool = False,
+        protected: list[str] | None = None,
+        skip_bad: bool = False,
+    ) -> None:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(set(rows["label"]) - set(index))
+        if unknown:
+            raise ValueError(
+                f"{manifest.path}: labels {unknown} are not among the model's classes {classes}"
+            )
+        self.manifest = manifest
+        self.rows = rows
+        self.records = rows.to_dict("records")
+        self.labels = [index[v] for v in rows["label"]]
+        group_index = {g: i for i, g in enumerate(groups or [])}
+        self.groups = [group_index.get(g, -1) for g in rows["group"]]
+        self.frame = frame
+        self.regions = list(regions or [])
+        self.twins = twins
+        self.protected = list(protected or [])
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _read(self, i: int, column: str, mode: str = "RGB") -> Tensor:
+        value = self.records[i][column]
+        path = self.manifest.resolve(value)
+        try:
+            return read_image(str(path), mode)
+        except (OSError, SyntaxError, ValueError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ImageDecodeError(
+                f"{path} (manifest line {manifest_line(self.rows, i)}, {column}): "
+                f"cannot decode the image: {reason}"
+            ) from None
+
+    def _region(self, i: int, name: str, size: tuple[int, int]) -> Tensor | None:
+        """The region's mask in the original image's pixels, or None where the row has none."""
+        record = self.records[i]
+        if record.get(f"mask:{name}"):
+            return self._read(i, f"mask:{name}", "L")[0] > 0
+        if record.get(f"box:{name}"):
+            x0, y0, x1, y1 = parse_box(record[f"box:{name}"])
+            mask = torch.zeros(size, dtype=torch.bool)
+            top, left = round(y0), round(x0)
+            mask[top : max(round(y1), top + 1), left : max(round(x1), left + 1)] = True
+            return mask
+        return None
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self._item(i)
+        except ImageDecodeError:
+            if not self.skip_bad:
+                raise
+            return self._blank(i)
+
+    def _item(self, i: int) -> dict[str, Any]:
+        raw = self._read(i, "image")
+        size = (raw.shape[1], raw.shape[2])
+        image = self.frame.geometry(raw)
+        h, w = image.shape[1:]
+        item: dict[str, Any] = {
+            "index": i,
+            "image": image.float() / 255,
+            "label": self.labels[i],
+            "group": self.groups[i],
+            "ok": True,
+        }
+        masks: dict[str, Tensor | None] = {}
+        for name in {*self.regions, *self.protected}:
+            full = self._region(i, name, size)
+            masks[name] = None if full is None else self.frame.geometry_mask(full)
+        if self.regions:
+            empty = torch.zeros(h, w, dtype=torch.bool)
+            item["regions"] = torch.stack(
+                [m if (m := masks[r]) is not None else empty for r in self.regions]
+            )
+            item["present"] = torch.tensor(
+                [masks[r] is not None and bool(masks[r].any()) for r in self.regions]
+            )
+        if self.protected:
+            union = torch.zeros(h, w, dtype=torch.bool)
+            for name in self.protected:
+                if masks[name] is not None:
+                    union |= masks[name]
+            item["protected"] = union
+        if self.twins:
+            if self.records[i].get("twin"):
+                item["twin"] = self.frame.geometry(self._read(i, "twin")).float() / 255
+                item["twin_present"] = True
+            else:
+                item["twin"] = torch.zeros_like(item["image"])
+                item["twin_present"] = False
+        return item
+
+    def _blank(self, i: int) -> dict[str, Any]:
+        """A placeholder for an image that failed to decode (with skip_bad): marked not ok."""
+        probe = next(
+            (j for j in range(len(self)) if j != i and self._decodable(j)),
+            None,
+        )
+        if probe is None:
+            raise ImageDecodeError(f"{self.manifest.path}: no image of the split can be decoded")
+        item = self._item(probe)
+        zeros = {k: torch.zeros_like(v) if isinstance(v, Tensor) else v for k, v in item.items()}
+        zeros |= {"index": i, "label": self.labels[i], "group": self.groups[i], "ok": False}
+        if "twin_present" in zeros:
+            zeros["twin_present"] = False
+        return zeros
+
+    def _decodable(self, j: int) -> bool:
+        try:
+            self._read(j, "image")
+            return True
+        except ImageDecodeError:
+            return False

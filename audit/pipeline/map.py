@@ -1,0 +1,209 @@
+"""The map stage: batches of manifest rows -> per-image rows, one forward pass of the engine each.
+
+`map_batch` is the unit of work, the same locally and on Ray: predictions, Grad-CAM for the predicted
+class, its share / pointing hit / box IoU on every region (and the protected and core unions), the
+counterfactual prediction, as plain per-image columns. Nothing of the batch is kept but those rows.
+A split is cut into fixed shards of rows; each shard is written as one Parquet file, so an interrupted
+run resumes by skipping the shards already written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from audit.explain import explain_many, mask_boxes
+from audit.explain.layers import default_output
+from audit.metrics.attention import region_attention
+from audit.metrics.counterfactual import fill_regions_with_mean
+from audit.pipeline.frames import FrameDataset
+
+PROTECTED = "protected"  # union of the protected regions
+CORE = "core"  # union of the core regions
+
+
+@dataclass
+class MapSpec:
+    """What the map computes for one model: its explained layer, the regions and their unions."""
+
+    layer: str | None
+    regions: list[str]
+    unions: dict[str, list[str]] = field(default_factory=dict)  # union name -> member regions
+    counterfactual_union: str | None = PROTECTED  # filled with the mean where no twin exists
+    batch_size: int = 64
+    autocast: bool = False  # bfloat16 autocast for the forward (GPU inference)
+
+    def region_tensors(
+        self, batch: dict[str, Tensor], device: torch.device
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Masks and presence per region and union, on `device`."""
+        masks = batch["regions"].to(device)
+        present = batch["present"].to(device)
+        regions = {name: masks[:, i] for i, name in enumerate(self.regions)}
+        presence = {name: present[:, i] for i, name in enumerate(self.regions)}
+        for union, members in self.unions.items():
+            idx = [self.regions.index(m) for m in members]
+            regions[union] = masks[:, idx].any(dim=1)
+            presence[union] = present[:, idx].any(dim=1)
+        return regions, presence
+
+
+def _autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    if enabled:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def map_batch(
+    model: nn.Module, spec: MapSpec, batch: dict[str, Tensor], device: torch.device
+) -> dict[str, np.ndarray]:
+    """Per-image columns for one batch (see module docstring); all arithmetic batched in torch."""
+    x = batch["image"].to(device, non_blocking=True)
+    with _autocast(spec.autocast, device):
+        result = explain_many(model, x, ["gradcam"], {"pred": None}, layer=spec.layer)
+    heat = result.maps["gradcam", "pred"].float()
+    probs = result.probs.float()
+    confidence, prediction = probs.max(dim=1)
+    labels = batch["label"].to(device)
+    regions, present = spec.region_tensors(batch, device)
+    boxes = {name: mask_boxes(mask) for name, mask in regions.items()}
+    measures = region_attention(heat, regions, present, boxes)
+    columns: dict[str, Tensor] = {
+        "index": batch["index"].to(device),
+        "ok": batch["ok"].to(device),
+        "prediction": prediction,
+        "confidence": confidence,
+        "correct": prediction == labels,
+        "gradcam_mass": heat.flatten(1).sum(dim=1),
+    }
+    for name, values in measures.items():
+        for measure, tensor in values.items():
+            columns[f"{measure}:gradcam:{name}"] = tensor
+    for name, mask in regions.items():
+        area = mask.flatten(1).float().mean(dim=1)
+        columns[f"area:{name}"] = torch.where(present[name], area, torch.nan)
+    if "twin" in batch:
+        twin_present = batch["twin_present"].to(device)
+        fill = regions.get(spec.counterfactual_union) if spec.counterfactual_union else None
+        if fill is None:
+            fill = torch.zeros_like(heat, dtype=torch.bool)
+        filled = fill_regions_with_mean(x, fill)
+        twins = batch["twin"].to(device, non_blocking=True)
+        counterfactual = torch.where(twin_present[:, None, None, None], twins, filled)
+        with torch.no_grad(), _autocast(spec.autocast, device):
+            cf_logits = model(counterfactual)
+        cf_prediction = default_output(cf_logits).float().argmax(dim=1)
+        columns["counterfactual_prediction"] = cf_prediction
+        columns["counterfactual_from_twin"] = twin_present
+        columns["flipped"] = cf_prediction != prediction
+    return {k: v.detach().cpu().numpy() for k, v in columns.items()}
+
+
+def loader(
+    dataset: FrameDataset | Subset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+) -> DataLoader:
+    """Decoding and geometry in worker processes, in order, pinned for a GPU."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of the shards of a split."""
+    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def shard_path(folder: Path, start: int) -> Path:
+    return folder / f"{start:09d}.parquet"
+
+
+def map_shard(
+    model: nn.Module,
+    spec: MapSpec,
+    dataset: FrameDataset,
+    bounds: tuple[int, int],
+    device: torch.device,
+    workers: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """The rows of one shard as a table (sorted by position), computed batch by batch."""
+    start, end = bounds
+    parts = []
+    for batch in loader(Subset(dataset, range(start, end)), spec.batch_size, workers, device):
+        parts.append(map_batch(model, spec, batch, device))
+        if on_batch is not None:
+            on_batch(len(batch["index"]))
+    return _table(parts)
+
+
+def map_shards(
+    model: nn.Module,
+    spec: MapSpec,
+    dataset: FrameDataset,
+    shards: list[tuple[int, int]],
+    device: torch.device,
+    workers: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[tuple[tuple[int, int], pd.DataFrame]]:
+    """(shard, rows) for each shard, in order, from one DataLoader over all of them.
+
+    Shards hold whole batches (but the split's last), so batches are the same whichever shards
+    are pending: a resumed run, or a Ray worker running one shard, computes the same rows.
+    """
+    if not shards:
+        return
+    positions = [i for start, end in shards for i in range(start, end)]
+    batches = iter(loader(Subset(dataset, positions), spec.batch_size, workers, device))
+    for start, end in shards:
+        parts = []
+        done = start
+        while done < end:
+            batch = next(batches)
+            parts.append(map_batch(model, spec, batch, device))
+            done += len(batch["index"])
+            if on_batch is not None:
+                on_batch(len(batch["index"]))
+        yield (start, end), _table(parts)
+
+
+def _table(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return pd.DataFrame(columns).sort_values("index", kind="stable").reset_index(drop=True)
+
+
+def write_shard(table: pd.DataFrame, path: Path) -> None:
+    """Write a shard atomically: a half-written shard never looks finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def pending_shards(folder: Path, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The shards not yet written (a resumed run skips the others)."""
+    for b in bounds:
+        if not shard_path(folder, b[0]).is_file():
+            yield b
+
+
+def read_shards(folder: Path, bounds: list[tuple[int, int]]) -> pd.DataFrame:
+    """All shards of a split, in order, as one table."""
+    tables = [pd.read_parquet(shard_path(folder, start)) for start, _ in bounds]
+    return pd.concat(tables, ignore_index=True)

@@ -1,0 +1,144 @@
+"""The map stage on Ray Data: one actor per worker slot holds the model; each task maps one shard.
+
+The driver turns the pending shards into a Ray dataset of `(start, end)` rows and runs
+`map_batches` with `ShardMapper`, whose `__init__` receives the model once through the object store
+and whose `__call__` runs the very function of a local run (`audit.pipeline.map.map_shards`) on its
+shard. Shards hold whole batches, so every image is computed in the same batch as locally, and the
+rows - and the metrics reduced from them on the driver - are the same.
+
+Workers must be able to read the manifest's files at the same paths (a shared file system).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from audit.pipeline.frames import FrameDataset
+from audit.pipeline.map import MapSpec, map_shards
+
+
+class RayError(ValueError):
+    """Ray is missing or the cluster cannot be reached (one line for the user)."""
+
+
+class ShardMapper:
+    """A Ray actor: the model loaded once, then one shard per call."""
+
+    def __init__(self, model_ref: Any, spec: MapSpec, dataset: FrameDataset, threads: int) -> None:
+        import ray
+
+        torch.set_num_threads(max(1, threads))
+        self.model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+        self.model.eval()
+        self.spec = spec
+        self.dataset = dataset
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tables = []
+        for start, end in zip(batch["start"], batch["end"], strict=True):
+            shards = [(int(start), int(end))]
+            for _, table in map_shards(self.model, self.spec, self.dataset, shards, self.device, 0):
+                tables.append(table.assign(shard=int(start)))
+        table = pd.concat(tables, ignore_index=True)
+        return {column: table[column].to_numpy() for column in table.columns}
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (5 s) on a host:port nobody answers, instead of Ray's long connection retries."""
+    if address == "auto":
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayError(f"--ray {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise RayError(f"--ray {address}: cannot reach the Ray cluster: {error}") from None
+
+
+def connect(address: str, workers: int) -> None:
+    """Join the cluster at `address`, or start a local Ray ("local") with `workers` CPUs."""
+    try:
+        import ray
+    except ImportError:
+        raise RayError("--ray needs Ray: pip install 'ray[data]'") from None
+    if ray.is_initialized():
+        return
+    if address != "local":
+        _check_reachable(address)
+    try:
+        if address == "local":
+            ray.init(
+                num_cpus=max(1, workers),
+                include_dashboard=False,
+                log_to_driver=False,
+                object_store_memory=256 * 1024 * 1024,
+                configure_logging=False,
+            )
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RayError(f"--ray {address}: cannot connect to a Ray cluster: {first}") from None
+
+
+def ray_map(
+    address: str,
+    model: nn.Module,
+    spec: MapSpec,
+    dataset: FrameDataset,
+    shards: list[tuple[int, int]],
+    workers: int,
+) -> Iterator[tuple[tuple[int, int], pd.DataFrame]]:
+    """(shard, rows) for every pending shard, computed by Ray actors, in shard order."""
+    if not shards:
+        return
+    import ray
+
+    workers = max(1, workers)
+    connect(address, workers)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    slots = int(gpus) if gpus >= 1 else max(1, min(workers, int(cpus)))
+    threads = max(1, int(cpus) // slots) if gpus < 1 else 1
+    model_ref = ray.put(copy.deepcopy(model).cpu())
+    items = ray.data.from_items([{"start": s, "end": e} for s, e in shards])
+    mapped = items.map_batches(
+        ShardMapper,
+        fn_constructor_kwargs={
+            "model_ref": model_ref,
+            "spec": spec,
+            "dataset": dataset,
+            "threads": threads,
+        },
+        batch_size=1,
+        concurrency=slots,
+        num_cpus=0 if gpus >= 1 else threads,
+        num_gpus=1 if gpus >= 1 else 0,
+    )
+    ends = dict(shards)
+    for batch in mapped.iter_batches(batch_format="pandas", batch_size=None):
+        for start, table in batch.groupby("shard", sort=True):
+            rows = table.drop(columns="shard").sort_values("index", kind="stable")
+            yield (int(start), ends[int(start)]), rows.reset_index(drop=True)
+
+
+def shutdown() -> None:
+    """Stop a Ray instance this process started (tests and local runs)."""
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,177 @@
+"""The report of a small run as a reader gets it: Chromium at phone width (390 px), the PDF's pages
+and text, the capped mistake gallery, and the stale-PDF rule of `audit report --no-pdf`."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from audit.cli import main
+from audit.report.render import pdf_digest
+from tests.conftest import write_config
+from tests.test_report import CHROMIUM_ARGS, _chromium, _tool
+
+PHONE = 390
+
+
+@pytest.fixture(scope="module")
+def small_run(small_dataset, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report-layout")
+    config = write_config(root / "audit.toml", small_dataset, explain={"mistakes_per_cell": 2})
+    result = CliRunner().invoke(main, ["run", str(config), "--out", str(root / "run"), "--quiet"])
+    if result.exit_code != 0 and "mistakes_per_cell" in result.output:  # a config without the key
+        config = write_config(root / "audit.toml", small_dataset)
+        result = CliRunner().invoke(
+            main, ["run", str(config), "--out", str(root / "run"), "--quiet"]
+        )
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+PHONE_PROBE = """() => {
+  const W = window.innerWidth;
+  const box = e => e.getBoundingClientRect();
+  const outside = sel => [...document.querySelectorAll(sel)]
+      .filter(e => { const b = box(e); return b.width > 0 && (b.left < -0.5 || b.right > W + 0.5); })
+      .map(e => e.textContent.trim().slice(0, 40));
+  const charts = [...document.querySelectorAll('figure.chart img')].map(i => ({
+      src: i.src, width: box(i).width, right: box(i).right}));
+  const rows = [...document.querySelectorAll('.grid')].map(g =>
+      [...g.querySelectorAll(':scope > .grid-row')].map(r =>
+          [...r.children].map(c => ({top: Math.round(box(c).top), left: Math.round(box(c).left),
+                                     right: box(c).right}))));
+  return {width: W, overflow: document.documentElement.scrollWidth - W,
+          gates: outside('table.gates td'), legend: outside('table.gate-legend td'),
+          decisions: outside('.decision'), charts, rows};
+}"""
+
+
+def _svg_scale_fonts(src: str) -> tuple[float, float]:
+    """(smallest font size, viewBox width) of a chart given as an SVG data: URI."""
+    svg = base64.b64decode(src.split(",", 1)[1]).decode()
+    sizes = [float(s) for s in re.findall(r"font[^;\"]*?([\d.]+)px", svg)]
+    view = float(re.search(r'viewBox="[\d.]+ [\d.]+ ([\d.]+) [\d.]+"', svg).group(1))
+    return min(sizes), view
+
+
+def test_phone_width_is_readable_in_chromium(small_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": PHONE, "height": 844})
+            page.goto((small_run / "report.html").as_uri(), wait_until="load")
+            info = page.evaluate(PHONE_PROBE)
+            page.screenshot(path=str(tmp_path / "phone.png"))
+        finally:
+            browser.close()
+    assert info["width"] == PHONE and info["overflow"] <= 1
+    assert info["gates"] == [] and info["legend"] == [] and info["decisions"] == []
+    assert len(info["charts"]) >= 5
+    for chart in info["charts"]:
+        smallest, view = _svg_scale_fonts(chart["src"])
+        assert chart["right"] <= PHONE + 0.5
+        assert smallest * chart["width"] / view >= 9, "chart text under 9 CSS px at 390 px"
+    grids = [g for g in info["rows"] if len(g) >= 2]
+    assert grids, "no gallery grid"
+    for grid in grids:
+        for row in grid:
+            assert len({c["top"] for c in row}) == 1, "a gallery row wraps"
+            assert max(c["right"] for c in row) <= PHONE + 0.5
+        # Columns line up: the n-th tile of every row starts at the same x.
+        lefts = [[c["left"] for c in row] for row in grid if len(row) == len(grid[0])]
+        assert all(left == lefts[0] for left in lefts)
+
+
+def _pdf_pages(pdf: Path) -> list[str]:
+    text = subprocess.run(
+        [_tool("pdftotext"), "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    return text.split("\f")
+
+
+def test_pdf_pages_gates_intervals_and_chart_text(small_run, tmp_path):
+    import json
+
+    pdf = small_run / "report.pdf"
+    pages = _pdf_pages(pdf)
+    assert len([p for p in pages if p.strip()]) < 25
+    # Page one tells the decision before the gates table.
+    assert "ship" in pages[0] and "Why" in pages[0] and "Look first at" in pages[0]
+    # The gates table is on one page, whole.
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    labels = {g["label"] for g in metrics["gates"]}
+    table_pages = [p for p in pages if "Measured [95% CI]" in p]
+    assert len(table_pages) == 1
+    rows = [
+        line
+        for line in table_pages[0].splitlines()
+        if any(re.match(rf"\s*\S+\s+{re.escape(label)}\b", line) for label in labels)
+    ]
+    assert len(rows) == len(metrics["gates"])
+    # No interval is cut inside: no line ends in "[12–" or "[12".
+    for page in pages:
+        for line in page.splitlines():
+            assert not re.search(r"\[[-+]?[\d.]+(–|\s*to)?\s*$", line), line
+    # Chart text is real text in the PDF, printed at >= 8 pt (bounding box height).
+    bbox = subprocess.run(
+        [_tool("pdftotext"), "-bbox", str(pdf), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    words = re.findall(
+        r'<word xMin="[\d.]+" yMin="([\d.]+)" xMax="[\d.]+" yMax="([\d.]+)">(accuracy|mass)</word>',
+        bbox,
+    )
+    assert len(words) >= 4
+    assert min(float(y1) - float(y0) for y0, y1, _ in words) >= 8
+
+
+def test_mistakes_are_capped_per_cell_with_the_rest_counted(small_run):
+    import json
+
+    import pandas as pd
+
+    html = (small_run / "report.html").read_text()
+    config = json.loads((small_run / "config.json").read_text())
+    cap = config["explain"].get("mistakes_per_cell", 4)
+    samples = pd.read_csv(small_run / "samples.csv", keep_default_na=False)
+    wrong = samples[~samples["correct"].astype(bool)]
+    counts = wrong.groupby(["model", "label", "group"]).size()
+    assert len(counts) > 0, "the small run has no mistake to show"
+    for (model, label, group), n in counts.items():
+        heading = f"{model} · {label} / {group}: {n} misclassified"
+        assert heading in html
+        if n > cap:
+            assert f"and {n - cap} more – see" in html
+    # Page one links each failing model to the mistakes to look at first.
+    links = re.findall(r'<a href="#(mistakes-[\d-]+)"', html)
+    assert links and all(f'id="{target}"' in html for target in links)
+    sections = html.split('id="misclassified"')[1].split('id="reproducibility"')[0]
+    rows = sections.count('class="grid-row" style')
+    assert rows == sum(min(n, cap) for n in counts)
+
+
+def test_report_no_pdf_removes_only_its_own_stale_pdf(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    pdf = run / "report.pdf"
+    assert pdf_digest(pdf) is not None  # marked as written by audit
+    invoke = lambda: CliRunner().invoke(main, ["report", str(run), "--no-pdf"])  # noqa: E731
+    result = invoke()  # same content: the PDF still matches and stays
+    assert result.exit_code == 0, result.output
+    assert pdf.is_file()
+    config = (run / "config.json").read_text()
+    (run / "config.json").write_text(config.replace('"title": "', '"title": "Changed '))
+    result = invoke()
+    assert result.exit_code == 0, result.output
+    assert not pdf.exists() and "removed" in result.output
+    pdf.write_bytes(b"%PDF-1.4 the user's own file\n%%EOF\n")
+    result = invoke()
+    assert result.exit_code == 0 and pdf.read_bytes().startswith(b"%PDF-1.4 the user's own")
+    assert "did not write it" in result.output
