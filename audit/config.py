@@ -71,6 +71,9 @@ class DataConfig:
     val_split: str = "val"
     protected_regions: list[str] = field(default_factory=lambda: ["hair", "face"])
     core_regions: list[str] = field(default_factory=lambda: ["stethoscope", "badge"])
+    attributes: list[str] = field(default_factory=list)  # protected attributes; [] = all present
+    intersections: bool = True  # also every figure for the intersection of the attributes
+    min_cell_size: int = 30  # smaller cells are shown but "too few to judge", skipped by gates
 
 
 @dataclass
@@ -124,6 +127,7 @@ class GateConfig:
     max_accuracy_gap: float | None = None
     max_protected_attention: float | None = None
     max_flip_rate: float | None = None
+    max_attention_gap_between_groups: float | None = None
     defaults: bool = False
     from_defaults: list[str] = field(default_factory=list)
 
@@ -270,6 +274,8 @@ def check(config: AuditConfig) -> None:
         raise ConfigError("explain.mistakes_per_cell must be >= 0")
     if config.explain.batch_size < 1:
         raise ConfigError("explain.batch_size must be >= 1")
+    if config.data.min_cell_size < 0:
+        raise ConfigError("data.min_cell_size must be >= 0")
     if config.data.image_size < 8:
         raise ConfigError("data.image_size must be at least 8")
     if config.bootstrap < 0:

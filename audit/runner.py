@@ -35,6 +35,7 @@ from audit.data.preprocess import Preprocess
 from audit.metrics.aggregate import groups_of
 from audit.metrics.bootstrap import resample_weights
 from audit.metrics.gates import evaluate_gates, verdicts
+from audit.metrics.groups import cell_rows
 from audit.models.io import read_state_dict, save_checkpoint, sha256
 from audit.models.sources import Prepared, build_model, check_arch, prepare_model
 from audit.models.train import TrainConfig, train_model
@@ -171,6 +172,15 @@ class Auditor:
                 f"{config.data.manifest}: at least two classes are needed, found {self.classes}"
             )
         self.groups = sorted(set(table["group"]) - {""})
+        named = [a for a in self.manifest.attributes if a != "group"]
+        for attribute in config.data.attributes:
+            if attribute not in self.manifest.attributes:
+                known = ", ".join(self.manifest.attributes)
+                raise AuditError(
+                    f"data.attributes: attribute {attribute!r} is not in {config.data.manifest} "
+                    f"(attributes: {known})"
+                )
+        self.attributes = list(config.data.attributes) or named
         for model in config.model:
             if model.train_split:
                 self.manifest.split(model.train_split)
@@ -329,14 +339,22 @@ class Auditor:
             regions=list(self.manifest.regions),
             unions=self.unions,
             counterfactual_union=PROTECTED,
+            twin_attributes=list(self.twin_columns()),
             batch_size=self.config.explain.batch_size,
         )
+
+    def twin_columns(self) -> dict[str, str]:
+        """Attribute -> twin column of the counterfactuals (the first falls back to a mean fill)."""
+        twins = dict(self.manifest.twin_columns)
+        if not twins and PROTECTED in self.unions:
+            twins = {self.manifest.attributes[0]: "twin"}
+        return twins
 
     def map_model(self, spec: ModelConfig, model: nn.Module) -> pd.DataFrame:
         """Per-image rows of one model over the eval split, shard by shard (resumable)."""
         map_spec = self.map_spec(spec)
         dataset = self.dataset(
-            spec, self.eval_rows, regions=map_spec.regions, twins=self._has_twins()
+            spec, self.eval_rows, regions=map_spec.regions, twins=list(self.twin_columns().values())
         )
         n = len(dataset)
         bounds = mapping.shard_bounds(n, map_spec.batch_size * SHARD_BATCHES)
@@ -372,9 +390,6 @@ class Auditor:
             bar.close()
         return mapping.read_shards(folder, bounds)
 
-    def _has_twins(self) -> bool:
-        return bool(self.eval_rows["twin"].ne("").any()) or bool(self.unions.get(PROTECTED))
-
     # -- one model ---------------------------------------------------------------------------
     def sample_table(self, spec: ModelConfig, rows: pd.DataFrame) -> pd.DataFrame:
         """samples.csv's rows of one model from its map rows (names instead of indices)."""
@@ -400,6 +415,13 @@ class Auditor:
                 rows["counterfactual_from_twin"].to_numpy(bool), "twin", "mean_fill"
             )
             table["flipped"] = rows["flipped"].to_numpy(bool)
+        for attribute in self.attributes:
+            table[f"group:{attribute}"] = eval_rows[
+                self.manifest.attribute_columns[attribute]
+            ].to_numpy()
+        for column in rows.columns:
+            if column.startswith("flipped:"):
+                table[column] = rows[column].to_numpy(np.float64)
         table["explained"] = False
         table["gradcam_mass"] = rows["gradcam_mass"].to_numpy(np.float64)
         for column in rows.columns:
@@ -447,7 +469,12 @@ class Auditor:
             spec.name,
             model,
             map_spec,
-            self.dataset(spec, self.eval_rows, regions=map_spec.regions, twins=self._has_twins()),
+            self.dataset(
+                spec,
+                self.eval_rows,
+                regions=map_spec.regions,
+                twins=list(self.twin_columns().values()),
+            ),
             positions,
             flipped,
             rows["prediction"].to_numpy(),
@@ -491,16 +518,29 @@ class Auditor:
         first = next(iter(tables.values()))
         weights = resample_weights(len(first), config.bootstrap, config.seed)
         models = {}
+        cells: list[pd.DataFrame] = []
         for name, table in tables.items():
             metrics = model_metrics(
-                table, self.classes, config.explain.methods, weights, config.seed
+                table,
+                self.classes,
+                config.explain.methods,
+                weights,
+                config.seed,
+                attributes=self.attributes,
+                intersections=config.data.intersections,
+                min_cell_size=config.data.min_cell_size,
             )
+            cells.append(cell_rows(metrics["fairness"]).assign(model=name))
             models[name] = infos[name] | metrics
             perf = metrics["performance"]
             self.log(
                 f"{name}: accuracy {perf['accuracy']['value']:.3f}, "
                 f"worst group {perf['worst_group_accuracy']['value']:.3f}"
             )
+        per_cell = pd.concat(cells, ignore_index=True)
+        per_cell[["model", *per_cell.columns[:-1]]].to_csv(
+            self.work / "per_cell.csv", index=False, lineterminator="\n"
+        )
         samples = pd.concat(tables.values(), ignore_index=True)
         samples.to_csv(self.work / "samples.csv", index=False, lineterminator="\n")
         mistakes = samples[~samples["correct"]].assign(cell=lambda t: cell_names(t))

@@ -32,7 +32,10 @@ def _per_image_correlation(a: torch.Tensor, b: torch.Tensor) -> tuple[float, flo
     b = b - b.mean(1, keepdim=True)
     norms = a.norm(dim=1) * b.norm(dim=1)
     corr = torch.where(norms > 0, (a * b).sum(1) / norms, torch.nan)  # NaN for an all-zero map
-    return float(corr.nanmedian()), float(corr[~corr.isnan()].min())
+    valid = corr[~corr.isnan()]
+    if valid.numel() == 0:  # every map constant (random weights can give all-zero Grad-CAMs)
+        return float("nan"), float("nan")
+    return float(valid.median()), float(valid.min())
 
 
 def library_runners(  # noqa: ANN001

@@ -37,7 +37,11 @@ def write_config(path: Path, manifest: Path, **overrides: object) -> Path:
     spec: dict = {
         "seed": 0,
         "bootstrap": 200,
-        "data": {"manifest": str(manifest), "core_regions": ["stethoscope", "badge"]},
+        "data": {
+            "manifest": str(manifest),
+            "core_regions": ["stethoscope", "badge"],
+            "min_cell_size": 5,
+        },
         "model": [model_a, model_b],
         "explain": {"methods": ["gradcam", "guided_gradcam"], "samples_per_cell": 2},
     }

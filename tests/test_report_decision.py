@@ -268,3 +268,34 @@ def test_long_category_names_do_not_collide():
     assert len(ys) >= 8
     first_lines = sorted(set(round(y, 1) for y in ys))
     assert all(b - a >= 9 for a, b in zip(first_lines, first_lines[1:], strict=False))
+
+
+def test_one_finding_per_kind_of_gate():
+    """Gates repeated per protected attribute give one sentence, from that attribute's figures."""
+    metrics = _metrics(0.2, 0.11, 0.5, 0.02)
+    per_attribute = []
+    for gate in metrics["gates"]:
+        if gate["gate"] == "min_worst_group_accuracy":
+            for attribute, value in (("sex", 0.5), ("age", 0.6)):
+                per_attribute.append(
+                    {**gate, "attribute": attribute, "value": value, "label": f"x ({attribute})"}
+                )
+        else:
+            per_attribute.append(gate)
+    cell = {
+        "worst_cell_accuracy": _estimate(0.6, cell="nurse / male"),
+        "per_cell": {"nurse / male": _estimate(0.6), "nurse / female": _estimate(0.9)},
+    }
+    for model in metrics["models"].values():
+        model["fairness"] = {"sex": {}, "age": cell}
+    metrics["gates"] = per_attribute
+    biased = decisions(metrics, _mistakes(metrics), ANCHORS)[0]
+    assert len(biased["why"]) == 1  # both failing gates are worst-group accuracy
+    # The sex gate (worse) is told; with no block of its own it reads the model's figures.
+    assert _text(biased["why"][0]).startswith("It fails on female doctor images: right for 50%")
+    # The age gate alone reads the age block's worst cell.
+    metrics["gates"] = [g for g in per_attribute if g.get("attribute") != "sex"]
+    biased = decisions(metrics, _mistakes(metrics), ANCHORS)[0]
+    assert _text(biased["why"][0]).startswith("It fails on male nurse images: right for 60%")
+    legend = gate_legend(per_attribute)
+    assert [r["label"] for r in legend].count("x (per protected attribute)") == 1

@@ -124,3 +124,26 @@ def test_a_last_batch_of_one_is_dropped_not_fed_to_batchnorm() -> None:
     data = toy(17)
     history = train_model(tiny_model(), data, TrainConfig(epochs=1, batch_size=8), progress=False)
     assert len(history.loss) == 1
+
+
+class FlakyDataset(PlainDataset):
+    """Every third image "failed to decode": ok False and a label no model has (5), so including
+    it in the loss would raise; labels and groups as Python lists, like FrameDataset's."""
+
+    def __init__(self, inner: TensorDictDataset) -> None:
+        super().__init__(inner)
+        self.labels = [5 if i % 3 == 0 else int(v) for i, v in enumerate(inner.labels)]
+        self.groups = inner.groups.tolist()
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.inner[i], ok=torch.tensor(i % 3 != 0))
+        item["label"] = torch.tensor(self.labels[i])
+        return item
+
+
+def test_images_that_failed_to_decode_are_left_out_and_list_targets_are_read() -> None:
+    data = FlakyDataset(toy(24))
+    labels, groups = dataset_targets(data)
+    assert labels.tolist() == data.labels and groups.tolist() == data.groups
+    history = train_model(tiny_model(), data, TrainConfig(epochs=1, batch_size=8), progress=False)
+    assert len(history.loss) == 1

@@ -7,6 +7,7 @@ Everything runs on tiny models and 16-32 images of 32x32 (a few seconds on two c
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -168,7 +169,7 @@ def test_cascade_steps_of_small_cnn_are_blocks() -> None:
     assert len(modules) == 9
 
 
-@pytest.mark.parametrize("method", ["gradcam", "guided_backprop", "saliency"])
+@pytest.mark.parametrize("method", ["gradcam", "guided_backprop"])
 def test_randomization_matches_quantus_mprt(trained, method: str) -> None:
     import quantus
 
@@ -240,6 +241,7 @@ def test_randomization_of_an_edge_detector_keeps_correlation_high() -> None:
 
 def test_gradcam_passes_and_model_is_restored(trained) -> None:
     model, images = trained
+    images = images[:16]
     model.train()  # the check must not leave the model in another mode
     before = {k: v.clone() for k, v in model.state_dict().items()}
     summaries, strip = randomization_test(
@@ -262,6 +264,7 @@ def test_gradcam_passes_and_model_is_restored(trained) -> None:
         model, images, ["gradcam", "guided_gradcam"], layer=LAYER, n_boot=200, seed=3
     )
     assert again == summaries  # deterministic for a seed
+    json.dumps(summaries, allow_nan=False)  # JSON-ready
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +402,7 @@ def test_deletion_insertion_by_hand() -> None:
 
 def test_gradcam_is_more_faithful_than_random_and_deterministic(trained) -> None:
     model, images = trained
+    images = images[:16]
     maps = {"gradcam": explain(model, images, "gradcam", layer=LAYER)}
     a = deletion_insertion(model, images, maps, seed=1, batch_size=100)
     b = deletion_insertion(model, images, maps, seed=1, batch_size=37)  # chunking is invisible
@@ -410,6 +414,7 @@ def test_gradcam_is_more_faithful_than_random_and_deterministic(trained) -> None
     assert summary["deletion_auc"]["value"] < summary["random_deletion_auc"]["value"]
     assert summary["insertion_auc"]["value"] > summary["random_insertion_auc"]["value"]
     assert summary["faithful"] is True
+    json.dumps(summary, allow_nan=False)
     assert len(summary["deletion_curve"]) == 21 and summary["fractions"][-1] == 1.0
 
 
@@ -518,6 +523,7 @@ def test_occlusion_summary_and_paired_difference(trained) -> None:
     assert square["flip_rate"]["value"] > square["control_flip_rate"]["value"]
     assert set(summary["square"]["blur"]["per_group"]) == {"(none)", "a", "b"}
     assert "x / a" in summary["square"]["blur"]["per_cell"]
+    json.dumps(summary, allow_nan=False)
     effect = result["regions"]["square"]["mean"]["effect"]
     assert square["effect"]["value"] == pytest.approx(np.nanmean(effect))
     # Paired difference: a model that ignores every pixel has zero effect.

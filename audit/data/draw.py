@@ -190,28 +190,28 @@ def render(
             paint("line", "wrinkles", under_eye, wrinkle, width=width)
             fold = [(cx + side * 0.2 * r, hy + 0.12 * r), (cx + side * 0.36 * r, hy + 0.3 * r)]
             paint("line", "wrinkles", fold, wrinkle, width=width)
-    # Job cue, last and clear of every protected cue, in a colour close to the clothes': a thin
-    # stethoscope or a small badge. Its shape is fixed (a nominal head radius) and anchored on
-    # whole pixels, so its area is the same for every person but for the shift `cue_dx` (a whole
-    # number of pixels): the class evidence is as visible in one group as in another.
+    # Job cue, last and clear of every protected cue, in a colour close to the clothes': the chest
+    # piece and lower tubes of a stethoscope (its upper part is under the collar), or a small badge.
+    # Its shape is fixed (a nominal head radius) and anchored on whole pixels, so its area is the
+    # same for every person: the class evidence is as visible in one group as in another. Both
+    # are about as large (about 20 pixels at 64 x 64) as the stethoscope that long hair used to leave
+    # visible, so the job stays harder to see than the protected cues, and a shortcut pays.
     cue = p.clothes + p.cue_shift * (1 if p.clothes.mean() < 128 else -1) * np.sign(p.cue_shift)
     ox, oy, dx, nominal = round(cx), round(top), round(p.cue_dx), 8.5 * s
     if label == "doctor":
-        y0, y1 = oy - 1 * s, oy + 8 * s
-        low = 0.3 * nominal
-        left = [(ox - 0.45 * nominal, y0), (ox - 0.6 * nominal, y0 + 3 * s), (ox - low + dx, y1)]
-        right = [(ox + 0.45 * nominal, y0), (ox + 0.6 * nominal, y0 + 3 * s), (ox + low + dx, y1)]
-        paint("line", "stethoscope", left, cue, width=max(1, round(s)))
-        paint("line", "stethoscope", right, cue, width=max(1, round(s)))
-        disc = 1.8 * s
-        px, py = ox + low + dx, y1 + 1.5 * s
+        y0, y1, width = oy + 5 * s, oy + 8 * s, max(1, round(s))
+        for side in (-1, 1):
+            tube = [(ox + side * 0.45 * nominal + dx / 2, y0), (ox + side * 0.3 * nominal + dx, y1)]
+            paint("line", "stethoscope", tube, cue, width=width)
+        disc = 1.5 * s
+        px, py = ox + 0.3 * nominal + dx, y1 + 1.5 * s
         paint("ellipse", "stethoscope", [px - disc, py - disc, px + disc, py + disc], cue)
     else:
-        bx, by, bw = ox - round(0.8 * nominal) + dx, oy + round(9 * s), round(2 * s)
-        paint("rectangle", "badge", [bx - bw, by - bw, bx + bw, by + bw], cue)
+        bx, by, half = ox - round(0.8 * nominal) + dx, oy + round(9 * s), round(2 * s)
+        paint("rectangle", "badge", [bx - half, by - half, bx + half, by + half - 1], cue)
         light = p.clothes
-        paint("line", "badge", [(bx - bw + 1, by), (bx + bw - 1, by)], light, width=1)
-        paint("line", "badge", [(bx, by - bw + 1), (bx, by + bw - 1)], light, width=1)
+        paint("line", "badge", [(bx - half + 1, by), (bx + half - 1, by)], light, width=1)
+        paint("line", "badge", [(bx, by - half + 1), (bx, by + half - 2)], light, width=1)
 
     pixels = np.asarray(rgb, dtype=np.int16) + p.noise
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

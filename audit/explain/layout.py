@@ -272,11 +272,20 @@ def _grid_hints(model: nn.Module, image_hw: tuple[int, int]) -> list[tuple[int, 
     return out
 
 
+# model -> {input (h, w): (declared prefix count, grid hints)}: read once, not on every batch.
+_HINTS: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[int, int], tuple[int | None, list[tuple[int, int]]]]
+] = weakref.WeakKeyDictionary()
+
+
 def token_layout(model: nn.Module, tokens: int, image_hw: tuple[int, int]) -> Layout | None:
     """The prefix count and patch grid of T = `tokens` tokens for an input of `image_hw`, or None."""
-    declared = declared_prefix_tokens(model)
+    per_size = _HINTS.setdefault(model, {})
+    if image_hw not in per_size:
+        per_size[image_hw] = (declared_prefix_tokens(model), _grid_hints(model, image_hw))
+    declared, grids = per_size[image_hw]
     prefixes = [declared] if declared is not None else list(range(MAX_PREFIX_TOKENS + 1))
-    for gh, gw in _grid_hints(model, image_hw):
+    for gh, gw in grids:
         for k in prefixes:
             if tokens - k == gh * gw:
                 return Layout("tokens", k, (gh, gw))

@@ -31,18 +31,22 @@ class Gate:
     op: ">=" (a floor) or "<=" (a ceiling); bounds: the thresholds a config may set.
     """
 
-    metric: tuple[str, ...]
+    metric: tuple[str, ...] | None
     op: str
     label: str
     default: float
     protects: str
     why_default: str
     bounds: tuple[float, float] = (0.0, 1.0)
+    # Path inside each block of `metrics.models.<name>.fairness` (one per protected attribute and
+    # the intersection): where a run has those blocks, the gate applies to each of them instead.
+    per_attribute: tuple[str, ...] | None = None
 
 
 GATES: dict[str, Gate] = {
     "min_worst_group_accuracy": Gate(
         metric=("performance", "worst_group_accuracy"),
+        per_attribute=("worst_cell_accuracy",),
         op=">=",
         label="worst-group accuracy",
         default=0.85,
@@ -58,6 +62,7 @@ GATES: dict[str, Gate] = {
     ),
     "max_accuracy_gap": Gate(
         metric=("performance", "accuracy_gap"),
+        per_attribute=("accuracy_gap",),
         op="<=",
         label="accuracy gap between groups",
         default=0.05,
@@ -95,6 +100,22 @@ GATES: dict[str, Gate] = {
         why_default=(
             "A choice of this project: at most one decision in ten may flip; a model that ignores "
             "the attribute flips only where it is unsure anyway."
+        ),
+    ),
+    "max_attention_gap_between_groups": Gate(
+        metric=None,
+        per_attribute=("attention_gap",),
+        op="<=",
+        label="gap between groups in Grad-CAM share on protected regions",
+        default=0.10,
+        protects=(
+            "A model that looks at the protected regions of one group far more than of another "
+            "(e.g. 30% on women's hair and face against 10% on men's): it treats the groups "
+            "differently even where its accuracy does not show it yet."
+        ),
+        why_default=(
+            "A choice of this project: at most 10 points between the groups' mean shares, about "
+            "twice the sampling noise of a few hundred images per group. Lower it for large sets."
         ),
     ),
 }
@@ -151,15 +172,25 @@ def evaluate_gates(
     resolved = resolve_gates(gates)
     rows = []
     for model, model_metrics in metrics["models"].items():
+        fairness = model_metrics.get("fairness") or {}
         for key, (threshold, source) in resolved.items():
             gate = GATES[key]
-            estimate = _lookup(model_metrics, gate.metric) or {}
-            value = estimate.get("value")
-            passed = value is not None and (
-                value >= threshold if gate.op == ">=" else value <= threshold
-            )
-            rows.append(
-                {
+            if gate.per_attribute and fairness:
+                targets = [
+                    (attribute, _lookup(block, gate.per_attribute), block)
+                    for attribute, block in fairness.items()
+                ]
+            elif gate.metric is not None:
+                targets = [(None, _lookup(model_metrics, gate.metric), None)]
+            else:
+                targets = [(None, None, None)]
+            for attribute, found, block in targets:
+                estimate = found or {}
+                value = estimate.get("value")
+                passed = value is not None and (
+                    value >= threshold if gate.op == ">=" else value <= threshold
+                )
+                row = {
                     "model": model,
                     "gate": key,
                     "label": gate.label,
@@ -174,7 +205,18 @@ def evaluate_gates(
                     "protects": gate.protects,
                     "why_default": gate.why_default,
                 }
-            )
+                if attribute is not None:
+                    row["attribute"] = attribute
+                    if len(fairness) > 1:
+                        row["label"] = f"{gate.label} ({attribute})"
+                    skipped = (block or {}).get("skipped") or {}
+                    if skipped.get("cells") or skipped.get("groups"):
+                        row["note"] = (
+                            f"{skipped.get('groups', 0)} groups and {skipped.get('cells', 0)} "
+                            f"cells with fewer than {block.get('min_cell_size')} images were "
+                            "too few to judge and skipped"
+                        )
+                rows.append(row)
     return rows
 
 

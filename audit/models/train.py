@@ -3,7 +3,8 @@
 A training Dataset yields dicts: "image" float32 (3, H, W) in [0, 1] in the model's frame,
 "label" int64, "group" int64 (index of the protected group, -1 where unknown), "index" int64 (row
 position) and, for the mask-based mitigations, "protected" bool (H, W): the union of the protected
-regions. A Dataset may expose `labels` and `groups` (1-D int64 tensors) and `has_masks` (bool); the
+regions; an optional "ok" bool marks an image that failed to decode (left out of the loss). A
+Dataset may expose `labels` and `groups` (tensors or lists of ints) and `has_masks` (bool); the
 group mitigations then need no pass over the images to read them.
 
 The recipe is the audit's default: AdamW (weight decay 1e-4), a one-cycle learning rate, random
@@ -151,10 +152,12 @@ def dataset_targets(
     dataset: Dataset, *, batch_size: int = 256, workers: int = 0
 ) -> tuple[Tensor, Tensor]:
     """(labels, groups) of every item in order: from the dataset's `labels`/`groups` attributes
-    when it has them, else by one pass through a DataLoader."""
+    (tensors or lists) when it has them, else by one pass through a DataLoader."""
     labels, groups = getattr(dataset, "labels", None), getattr(dataset, "groups", None)
-    if isinstance(labels, Tensor) and isinstance(groups, Tensor):
-        return labels.long(), groups.long()
+    if isinstance(labels, (Tensor, list, tuple)) and isinstance(groups, (Tensor, list, tuple)):
+        labels, groups = torch.as_tensor(labels).long(), torch.as_tensor(groups).long()
+        if labels.shape == groups.shape == (len(dataset),):
+            return labels, groups
     loader = _loader(dataset, batch_size, SequentialSampler(dataset), workers, torch.device("cpu"))
     parts = [(batch["label"], batch["group"]) for batch in loader]
     return torch.cat([p[0] for p in parts]).long(), torch.cat([p[1] for p in parts]).long()
@@ -307,6 +310,11 @@ def train_model(
         total = penalty_total = 0.0
         seen = 0
         for batch in loader:
+            if "ok" in batch and not bool(batch["ok"].all()):  # images that failed to decode
+                keep = batch["ok"].bool()
+                if not bool(keep.any()):
+                    continue
+                batch = {k: v[keep] for k, v in batch.items() if isinstance(v, Tensor)}
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
             flip = (torch.rand(len(y), generator=flip_generator) < 0.5).to(device)

@@ -9,17 +9,16 @@ and counterfactual fills work on plain pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pandas as pd
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from audit.data.dataset import read_image
 from audit.data.manifest import Manifest, parse_box
+from audit.data.preprocess import Preprocess
 
 
 class ImageDecodeError(ValueError):
@@ -34,22 +33,16 @@ class Geometry(Protocol):
     def geometry_mask(self, mask: Tensor) -> Tensor: ...
 
 
-@dataclass(frozen=True)
-class Squash:
-    """The default frame: the whole image squashed to size x size (the audit's original behaviour)."""
-
-    size: int
-
-    def geometry(self, image: Tensor) -> Tensor:
-        return TF.resize(image, [self.size, self.size], antialias=True)
-
-    def geometry_mask(self, mask: Tensor) -> Tensor:
-        resized = TF.resize(
-            mask[None].to(torch.uint8),
-            [self.size, self.size],
-            interpolation=TF.InterpolationMode.NEAREST,
-        )
-        return resized[0] > 0
+def squash(size: int) -> Preprocess:
+    """The default frame: the whole image squashed to size x size, no normalisation."""
+    return Preprocess(
+        resize=size,
+        crop=None,
+        mode="squash",
+        interpolation="bilinear",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
 
 
 def manifest_line(rows: pd.DataFrame, i: int) -> int:
@@ -63,8 +56,9 @@ class FrameDataset(Dataset):
     Every item has `index` (position in `rows`), `image` (3, h, w) float in [0, 1], `label` (class
     index), `group` (index into `groups`, -1 for none) and `ok` (False for a skipped bad image).
     With `regions`: `regions` (R, h, w) bool in the order given and `present` (R,) bool; with
-    `twins`: `twin` (3, h, w) and `twin_present`; with `protected` (region names): `protected`, the
-    union of those masks (h, w), for training that needs it.
+    `twins` (the manifest's twin columns, one per attribute): `twins` (A, 3, h, w) and
+    `twins_present` (A,); with `protected` (region names): `protected`, the union of those masks
+    (h, w), for training that needs it.
     """
 
     def __init__(
@@ -76,7 +70,7 @@ class FrameDataset(Dataset):
         *,
         groups: list[str] | None = None,
         regions: list[str] | None = None,
-        twins: bool = False,
+        twins: list[str] | None = None,
         protected: list[str] | None = None,
         skip_bad: bool = False,
     ) -> None:
@@ -94,7 +88,7 @@ class FrameDataset(Dataset):
         self.groups = [group_index.get(g, -1) for g in rows["group"]]
         self.frame = frame
         self.regions = list(regions or [])
-        self.twins = twins
+        self.twins = list(twins or [])
         self.protected = list(protected or [])
         self.skip_bad = skip_bad
 
@@ -165,12 +159,16 @@ class FrameDataset(Dataset):
                     union |= masks[name]
             item["protected"] = union
         if self.twins:
-            if self.records[i].get("twin"):
-                item["twin"] = self.frame.geometry(self._read(i, "twin")).float() / 255
-                item["twin_present"] = True
-            else:
-                item["twin"] = torch.zeros_like(item["image"])
-                item["twin_present"] = False
+            twins, present = [], []
+            for column in self.twins:
+                if self.records[i].get(column):
+                    twins.append(self.frame.geometry(self._read(i, column)).float() / 255)
+                    present.append(True)
+                else:
+                    twins.append(torch.zeros_like(item["image"]))
+                    present.append(False)
+            item["twins"] = torch.stack(twins)
+            item["twins_present"] = torch.tensor(present)
         return item
 
     def _blank(self, i: int) -> dict[str, Any]:
@@ -184,8 +182,8 @@ class FrameDataset(Dataset):
         item = self._item(probe)
         zeros = {k: torch.zeros_like(v) if isinstance(v, Tensor) else v for k, v in item.items()}
         zeros |= {"index": i, "label": self.labels[i], "group": self.groups[i], "ok": False}
-        if "twin_present" in zeros:
-            zeros["twin_present"] = False
+        if "twins_present" in zeros:
+            zeros["twins_present"] = torch.zeros_like(item["twins_present"])
         return zeros
 
     def _decodable(self, j: int) -> bool:

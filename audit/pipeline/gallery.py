@@ -20,9 +20,8 @@ from torch.utils.data import Subset
 
 from audit.explain import CAMNotApplicableError, explain_many, mask_boxes
 from audit.metrics.attention import as_heat, region_attention
-from audit.metrics.counterfactual import fill_regions_with_mean
 from audit.pipeline.frames import FrameDataset
-from audit.pipeline.map import MapSpec, loader
+from audit.pipeline.map import MapSpec, counterfactual_images, loader
 from audit.report.overlays import save_overlays, save_pairs
 
 MAX_FLIPPED_SHOWN = 24  # counterfactual pairs drawn per model
@@ -140,21 +139,10 @@ def explain_details(
                 {r: _ByPosition(sub[r].cpu(), shown) for r in overlay_regions if r in sub},
             )
         pairs = torch.tensor([int(p) in flipped_set for p in pos])
-        if pairs.any() and "twin" in batch:
-            sel = torch.nonzero(pairs).flatten()
-            fill = regions.get(spec.counterfactual_union or "")
-            if fill is None:
-                fill = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.bool, device=device)
-            filled = fill_regions_with_mean(x, fill)
-            twin = torch.where(
-                batch["twin_present"].to(device)[:, None, None, None],
-                batch["twin"].to(device),
-                filled,
-            )
+        if pairs.any() and "twins" in batch:
+            sel = torch.nonzero(pairs).flatten().to(device)
+            twin, _ = counterfactual_images(spec, batch, x, regions, 0)
             save_pairs(
-                folder / "counterfactuals" / name,
-                x[sel.to(device)].cpu(),
-                twin[sel.to(device)].cpu(),
-                pos[sel],
+                folder / "counterfactuals" / name, x[sel].cpu(), twin[sel].cpu(), pos[sel.cpu()]
             )
     return columns

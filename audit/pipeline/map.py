@@ -38,6 +38,9 @@ class MapSpec:
     regions: list[str]
     unions: dict[str, list[str]] = field(default_factory=dict)  # union name -> member regions
     counterfactual_union: str | None = PROTECTED  # filled with the mean where no twin exists
+    # Attributes with counterfactual twins, in the dataset's `twins` order; the first one's
+    # counterfactual falls back to the mean fill of `counterfactual_union` where a row has no twin.
+    twin_attributes: list[str] = field(default_factory=list)
     batch_size: int = 64
     autocast: bool = False  # bfloat16 autocast for the forward (GPU inference)
 
@@ -90,21 +93,57 @@ def map_batch(
     for name, mask in regions.items():
         area = mask.flatten(1).float().mean(dim=1)
         columns[f"area:{name}"] = torch.where(present[name], area, torch.nan)
-    if "twin" in batch:
-        twin_present = batch["twin_present"].to(device)
-        fill = regions.get(spec.counterfactual_union) if spec.counterfactual_union else None
-        if fill is None:
-            fill = torch.zeros_like(heat, dtype=torch.bool)
-        filled = fill_regions_with_mean(x, fill)
-        twins = batch["twin"].to(device, non_blocking=True)
-        counterfactual = torch.where(twin_present[:, None, None, None], twins, filled)
-        with torch.no_grad(), _autocast(spec.autocast, device):
-            cf_logits = model(counterfactual)
-        cf_prediction = default_output(cf_logits).float().argmax(dim=1)
-        columns["counterfactual_prediction"] = cf_prediction
-        columns["counterfactual_from_twin"] = twin_present
-        columns["flipped"] = cf_prediction != prediction
+    if "twins" in batch:
+        columns |= counterfactual_columns(model, spec, batch, x, prediction, regions, device)
     return {k: v.detach().cpu().numpy() for k, v in columns.items()}
+
+
+def counterfactual_images(
+    spec: MapSpec, batch: dict[str, Tensor], x: Tensor, regions: dict[str, Tensor], k: int
+) -> tuple[Tensor, Tensor]:
+    """The k-th attribute's counterfactual of each image and whether it is a real twin.
+
+    Where a row has no twin, the first attribute's counterfactual is the image with the protected
+    regions filled with its mean colour; the others are the image itself (no counterfactual).
+    """
+    device = x.device
+    present = batch["twins_present"][:, k].to(device)
+    twins = batch["twins"][:, k].to(device, non_blocking=True)
+    fallback = x
+    if k == 0 and spec.counterfactual_union in regions:
+        fallback = fill_regions_with_mean(x, regions[spec.counterfactual_union])
+    return torch.where(present[:, None, None, None], twins, fallback), present
+
+
+def counterfactual_columns(
+    model: nn.Module,
+    spec: MapSpec,
+    batch: dict[str, Tensor],
+    x: Tensor,
+    prediction: Tensor,
+    regions: dict[str, Tensor],
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """Counterfactual predictions: `flipped` for the first attribute, `flipped:<a>` for every one
+    (NaN where a row has no counterfactual for that attribute)."""
+    columns: dict[str, Tensor] = {}
+    for k, attribute in enumerate(spec.twin_attributes or ["group"]):
+        counterfactual, present = counterfactual_images(spec, batch, x, regions, k)
+        with torch.no_grad(), _autocast(spec.autocast, device):
+            cf_prediction = default_output(model(counterfactual)).float().argmax(dim=1)
+        flipped = cf_prediction != prediction
+        if k == 0:
+            columns["counterfactual_prediction"] = cf_prediction
+            columns["counterfactual_from_twin"] = present
+            columns["flipped"] = flipped
+            has_counterfactual = present | (spec.counterfactual_union in regions)
+        else:
+            has_counterfactual = present
+        if spec.twin_attributes and len(spec.twin_attributes) > 1:
+            columns[f"flipped:{attribute}"] = torch.where(
+                has_counterfactual, flipped.float(), torch.nan
+            )
+    return columns
 
 
 def loader(

@@ -14,6 +14,7 @@ import pandas as pd
 
 from audit.metrics.aggregate import aggregate_attention, groups_of
 from audit.metrics.bootstrap import estimate, resample_weights, weighted_means
+from audit.metrics.groups import group_metrics
 from audit.metrics.performance import headline_samples, performance
 
 MEASURES = ("share", "hit", "iou")
@@ -35,8 +36,13 @@ def model_metrics(
     methods: list[str],
     weights: np.ndarray,
     seed: int,
+    *,
+    attributes: list[str] | None = None,
+    intersections: bool = True,
+    min_cell_size: int = 0,
 ) -> dict[str, Any]:
-    """Performance, attention per method and counterfactual flips of one model's sample table."""
+    """Performance, attention per method, counterfactual flips and fairness per protected
+    attribute (and their intersection) of one model's sample table."""
     groups = groups_of(table)
     explained = table["explained"].to_numpy(bool)
     attention = {}
@@ -55,7 +61,20 @@ def model_metrics(
         ) | {"n_images": int(rows.sum())}
     metrics: dict[str, Any] = {
         "performance": performance(
-            table["label"].to_numpy(), table["prediction"].to_numpy(), groups, classes, weights
+            table["label"].to_numpy(),
+            table["prediction"].to_numpy(),
+            groups,
+            classes,
+            weights,
+            min_cell_size=min_cell_size,
+        ),
+        "fairness": group_metrics(
+            table,
+            attributes or None,
+            classes,
+            weights,
+            intersections=intersections,
+            min_cell_size=min_cell_size,
         ),
         "attention": attention,
         "explained_images": int(explained.sum()),

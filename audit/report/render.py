@@ -277,7 +277,10 @@ def gate_legend(gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
         else:
             origin = f"{limit}, set in the run's config."
-        rows.append({"gate": key, "label": gate["label"], "protects": protects, "origin": origin})
+        label = gate["label"]
+        if gate.get("attribute") and label.endswith(f" ({gate['attribute']})"):
+            label = label[: -len(f" ({gate['attribute']})")] + " (per protected attribute)"
+        rows.append({"gate": key, "label": label, "protects": protects, "origin": origin})
     return rows
 
 
@@ -304,7 +307,8 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
         return Markup("{} could not be measured in this run, so the gate fails ({}).").format(
             gate["label"].capitalize(), limit
         )
-    perf = model.get("performance", {})
+    block = model.get("fairness", {}).get(gate.get("attribute") or "", {})
+    perf = block or model.get("performance", {})
     if key == "max_protected_attention":
         regions = _region_words("protected", data)
         area = data.get("region_area", {}).get("protected")
@@ -324,7 +328,9 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
             lead, nowrap(share_text(value)), regions, covers, limit
         )
     if key == "min_worst_group_accuracy":
-        worst = perf.get("worst_group_accuracy", {}).get("cell", "the worst cell")
+        worst = (perf.get("worst_cell_accuracy") or perf.get("worst_group_accuracy") or {}).get(
+            "cell", "the worst cell"
+        )
         per_cell = perf.get("per_cell", {})
         best = max(per_cell, key=lambda c: per_cell[c]["value"] or 0.0) if per_cell else None
         against = (
@@ -361,6 +367,16 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
             "{}changing only the protected attribute ({}) changes its prediction for {} of "
             "the images (limit: {})."
         ).format(lead, how, nowrap(share_text(value)), limit)
+    if key == "max_attention_gap_between_groups":
+        gap = perf.get("attention_gap", {})
+        between = (
+            Markup(" between {} and {}").format(gap["high"], gap["low"])
+            if gap.get("high") and gap.get("low")
+            else ""
+        )
+        return Markup("the share of its Grad-CAM on {} differs{} by {} (limit: {}).").format(
+            _region_words("protected", data), between, nowrap(f"{100 * value:.1f} points"), limit
+        )
     return Markup("{} is {} (limit: {}).").format(
         gate["label"].capitalize(), nowrap(share_text(value)), limit
     )
@@ -408,17 +424,29 @@ def data_step(model: dict[str, Any], data: dict[str, Any], cells: list[str]) -> 
     counts = data.get("splits", {}).get(split, {}).get("cells") if split else None
     if not counts:
         return Markup("Collect more training images of {}.").format(names)
+    most = max(counts.values())
     largest = max(counts, key=counts.get)
-    have = ", ".join(f"{counts.get(c, 0)} {_cell_words(c)}" for c in cells)
-    if all(counts.get(c, 0) >= counts[largest] for c in cells):
-        return Markup(
-            "The training split “{}” already has as many {} images as any other cell ({}): "
-            "collect more, and more varied, images of them."
-        ).format(split, names, counts[largest])
-    return Markup(
-        "Rebalance the training split “{}” or collect more images of {}: it has {} images, "
-        "against {} {}."
-    ).format(split, names, have, counts[largest], _cell_words(largest))
+    under = [c for c in cells if counts.get(c, 0) < most]
+    full = [c for c in cells if c not in under]
+    parts = []
+    if under:
+        have = ", ".join(f"{counts.get(c, 0)} {_cell_words(c)}" for c in under)
+        parts.append(
+            Markup(
+                "Rebalance the training split “{}” or collect more images of {}: it has {} "
+                "images, against {} {}."
+            ).format(
+                split, ", ".join(_cell_words(c) for c in under), have, most, _cell_words(largest)
+            )
+        )
+    if full:
+        parts.append(
+            Markup(
+                "The training split “{}” already has as many {} images as any other cell ({}): "
+                "collect more, and more varied, images of them."
+            ).format(split, ", ".join(_cell_words(c) for c in full), most)
+        )
+    return Markup(" ").join(parts)
 
 
 def decisions(
@@ -446,11 +474,15 @@ def decisions(
                 name, len(failed), len(rows)
             )
             ship = False
-        if failed:
-            why = [gate_sentence(g, model, data) for g in failed[:2]]
-        else:  # the two gates it passes with the least room
-            closest = sorted(rows, key=_severity, reverse=True)[:2]
-            why = [gate_sentence(g, model, data) for g in closest]
+        # The two findings that decide: the worst failing gates (one per kind of gate), or for a
+        # model that passes, the two gates it passes with the least room.
+        ranked = failed if failed else sorted(rows, key=_severity, reverse=True)
+        chosen, kinds = [], set()
+        for g in ranked:
+            if g["gate"] not in kinds:
+                kinds.add(g["gate"])
+                chosen.append(g)
+        why = [gate_sentence(g, model, data) for g in chosen[:2]]
         why = [Markup(s[0].upper()) + s[1:] if s else s for s in why]
         # Images to look at first: the worst cell's mistakes, else the cell with the most.
         cells = mistakes.get(name, {})
@@ -804,6 +836,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "verdicts": metrics["verdicts"],
         "decisions": decisions(metrics, mistakes, anchors),
         "gates": gates,
+        "gates_by_model": {n: [g for g in gates if g["model"] == n] for n in names},
         "gate_legend": gate_legend(gates),
         "data": data,
         "split_cells": {s: v["cells"] for s, v in data["splits"].items()},

@@ -140,9 +140,6 @@ def deletion_insertion(
     counts = step_counts(h * w, steps)
     fractions = counts.double() / (h * w)
     with eval_mode(model):
-        if targets is None:
-            targets = class_probs(model, images, batch_size, output).argmax(dim=1)
-        targets = targets.to(images.device).long()
         blurred = gaussian_blur(images, blur_sigma)
         deleted = {
             "zero": torch.zeros_like(images),
@@ -150,6 +147,9 @@ def deletion_insertion(
             "mean": images.mean(dim=(2, 3), keepdim=True).expand_as(images),
         }[baseline]
         everything = class_probs(model, torch.cat([images, deleted, blurred]), batch_size, output)
+        if targets is None:
+            targets = everything[:n].argmax(dim=1)
+        targets = targets.to(images.device).long()
         p_image, p_deleted, p_blurred = everything.view(3, n, -1).gather(
             2, targets[None, :, None].expand(3, -1, 1)
         )[..., 0]
