@@ -281,6 +281,13 @@ def run_options(func: Callable) -> Callable:
             "ray://head:10001 or auto), an existing cluster.",
         ),
         click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16"]),
+            default="fp32",
+            help="bf16: bfloat16 autocast for the map (GPUs), used only where it predicts the "
+            "first batches exactly as fp32 does.",
+        ),
+        click.option(
             "--resume", is_flag=True, help="Continue an interrupted run of the same --out."
         ),
         click.option(
@@ -311,6 +318,7 @@ def _options(render: bool, **kwargs: Any) -> Any:
         resume=kwargs.pop("resume"),
         force=kwargs.pop("force"),
         skip_bad_images=kwargs.pop("skip_bad_images"),
+        precision=kwargs.pop("precision"),
         progress=not quiet,
         render=render,
     )

@@ -57,6 +57,7 @@ import tomllib
 
 from audit.explain import METHODS
 from audit.metrics.gates import GATES, resolve_gates
+from audit.metrics.trust.config import TrustConfig
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,7 @@ class GateConfig:
     max_protected_attention: float | None = None
     max_flip_rate: float | None = None
     max_attention_gap_between_groups: float | None = None
+    max_protected_occlusion_effect: float | None = None
     defaults: bool = False
     from_defaults: list[str] = field(default_factory=list)
 
@@ -146,6 +148,7 @@ class AuditConfig:
     model: list[ModelConfig] = field(default_factory=list)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     gates: GateConfig = field(default_factory=lambda: GateConfig(defaults=True))
+    trust: TrustConfig = field(default_factory=TrustConfig)
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     @property
@@ -274,6 +277,7 @@ def check(config: AuditConfig) -> None:
         raise ConfigError("explain.mistakes_per_cell must be >= 0")
     if config.explain.batch_size < 1:
         raise ConfigError("explain.batch_size must be >= 1")
+    config.trust.check()
     if config.data.min_cell_size < 0:
         raise ConfigError("data.min_cell_size must be >= 0")
     if config.data.image_size < 8:

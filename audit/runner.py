@@ -36,6 +36,7 @@ from audit.metrics.aggregate import groups_of
 from audit.metrics.bootstrap import resample_weights
 from audit.metrics.gates import evaluate_gates, verdicts
 from audit.metrics.groups import cell_rows
+from audit.metrics.trust import occlusion_difference
 from audit.models.io import read_state_dict, save_checkpoint, sha256
 from audit.models.sources import Prepared, build_model, check_arch, prepare_model
 from audit.models.train import TrainConfig, train_model
@@ -60,6 +61,7 @@ from audit.pipeline.rundir import (
     sigterm_as_interrupt,
     work_folder,
 )
+from audit.pipeline.trust_stage import TRUST_SEED_OFFSET, run_trust, trust_sample
 
 METRICS_SCHEMA_VERSION = 2
 SHARD_BATCHES = 16  # batches per shard: the unit of resumption
@@ -79,6 +81,7 @@ class RunOptions:
     resume: bool = False
     force: bool = False
     skip_bad_images: bool = False
+    precision: str = "fp32"  # "bf16": bfloat16 autocast where it keeps the predictions identical
     progress: bool = True
     render: bool = True
 
@@ -359,6 +362,8 @@ class Auditor:
         n = len(dataset)
         bounds = mapping.shard_bounds(n, map_spec.batch_size * SHARD_BATCHES)
         folder = self.work / "shards" / spec.name
+        if self.options.precision == "bf16":
+            map_spec.autocast = self.bf16_keeps_predictions(spec.name, model, map_spec, dataset)
         pending = list(mapping.pending_shards(folder, bounds))
         if len(pending) < len(bounds):
             self.log(f"{spec.name}: {len(bounds) - len(pending)} of {len(bounds)} shards resumed")
@@ -391,6 +396,25 @@ class Auditor:
         return mapping.read_shards(folder, bounds)
 
     # -- one model ---------------------------------------------------------------------------
+    def bf16_keeps_predictions(
+        self, name: str, model: nn.Module, spec: MapSpec, dataset: FrameDataset
+    ) -> bool:
+        """Whether bfloat16 autocast predicts exactly as float32 on the first batches of the split;
+        the map uses it only then (the run says which)."""
+        probe = [(0, min(len(dataset), 4 * spec.batch_size))]
+        exact = dataclasses.replace(spec, autocast=False)
+        mixed = dataclasses.replace(spec, autocast=True)
+        ((_, a),) = mapping.map_shards(model, exact, dataset, probe, self.device, 0)
+        ((_, b),) = mapping.map_shards(model, mixed, dataset, probe, self.device, 0)
+        same = bool((a["prediction"].to_numpy() == b["prediction"].to_numpy()).all())
+        changed = int((a["prediction"].to_numpy() != b["prediction"].to_numpy()).sum())
+        self.log(
+            f"{name}: bfloat16 autocast used (same predictions on {probe[0][1]} images)"
+            if same
+            else f"{name}: float32 kept: bfloat16 changed {changed} of {probe[0][1]} predictions"
+        )
+        return same
+
     def sample_table(self, spec: ModelConfig, rows: pd.DataFrame) -> pd.DataFrame:
         """samples.csv's rows of one model from its map rows (names instead of indices)."""
         eval_rows = self.eval_rows.reset_index(drop=True)
@@ -495,7 +519,33 @@ class Auditor:
             table[key] = columns[key][keep]
         info["layer"] = layer
         info["mistakes_shown"] = mistakes
-        return table, info, {"positions": positions, "model": model}
+        extra: dict[str, Any] = {}
+        if self.config.trust.enabled:
+            sample = self.trust_positions
+            block, trust_columns, occlusion = run_trust(
+                spec.name,
+                model,
+                map_spec,
+                self.dataset(spec, self.eval_rows, regions=map_spec.regions),
+                sample,
+                groups_of(eval_rows.iloc[sample]),
+                eval_rows["label"].to_numpy()[sample],
+                self.config.explain.methods,
+                self.config.trust,
+                self.config.bootstrap,
+                self.config.seed,
+                self.work / "overlays",
+                self.device,
+            )
+            info["trust"] = block
+            for column, values in trust_columns.items():
+                full = np.full(len(rows), np.nan)
+                full[sample] = values
+                table[column] = full[keep]
+            extra["occlusion"] = occlusion
+            trusted = {m: v["trusted"] for m, v in block["methods"].items()}
+            self.log(f"{spec.name}: randomization test passed: {trusted}")
+        return table, info, extra
 
     # -- all models ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -505,8 +555,10 @@ class Auditor:
         )
         tables: dict[str, pd.DataFrame] = {}
         infos: dict[str, dict[str, Any]] = {}
+        extras: dict[str, dict[str, Any]] = {}
+        self.trust_positions = trust_sample(len(self.eval_rows), config.trust, config.seed)
         for spec in config.model:
-            tables[spec.name], infos[spec.name], _ = self.audit_model(spec, gallery)
+            tables[spec.name], infos[spec.name], extras[spec.name] = self.audit_model(spec, gallery)
         images = set.intersection(*(set(t["image"] + "\0" + t["split"]) for t in tables.values()))
         if any(len(t) != len(images) for t in tables.values()):  # bad images differ by frame
             tables = {
@@ -559,6 +611,15 @@ class Auditor:
             "models": models,
             "comparisons": compare(tables, first, weights),
         }
+        if config.trust.enabled:
+            names = list(tables)
+            trust_weights = resample_weights(
+                len(self.trust_positions), config.bootstrap, config.seed + TRUST_SEED_OFFSET
+            )
+            for entry, other in zip(metrics["comparisons"], names[1:], strict=True):
+                entry["occlusion_difference"] = occlusion_difference(
+                    extras[names[0]]["occlusion"], extras[other]["occlusion"], trust_weights
+                )
         metrics["gates"] = evaluate_gates(metrics, config.to_dict()["gates"])
         metrics["verdicts"] = verdicts(metrics["gates"], list(tables))
         return _clean_nan(metrics)
@@ -668,6 +729,7 @@ def run_audit(
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                 "device": str(auditor.device),
                 "workers": auditor.workers,
+                "precision": options.precision,
                 "ray": options.ray,
                 "manifest_sha256": sha256(auditor.manifest.path),
                 "dataset_sha256": auditor.manifest.checksum(),

@@ -44,6 +44,7 @@ def write_config(path: Path, manifest: Path, **overrides: object) -> Path:
         },
         "model": [model_a, model_b],
         "explain": {"methods": ["gradcam", "guided_gradcam"], "samples_per_cell": 2},
+        "trust": {"samples": 24, "faithfulness_samples": 8, "steps": 5},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):

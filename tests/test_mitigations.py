@@ -144,13 +144,14 @@ def test_differentiable_gradcam_equals_the_audit_engine_and_trains() -> None:
     reference = explain(model, x, "gradcam", layer="features", targets=y)
     torch.testing.assert_close(maps.detach(), reference, rtol=1e-4, atol=1e-6)
     # the penalty is 0 with empty masks, positive where the mass sits in the mask, and has gradients
-    assert float(gradcam_share_penalty(maps, torch.zeros(6, 16, 16, dtype=torch.bool))) == 0.0
+    empty = torch.zeros(6, 16, 16, dtype=torch.bool)
+    assert float(gradcam_share_penalty(maps, empty).detach()) == 0.0
     hot = maps.detach() > 0
     assert bool(hot.any())
-    share = gradcam_share_penalty(maps, hot)
+    share = gradcam_share_penalty(maps, hot).detach()
     assert float(share) == pytest.approx(float((maps.flatten(1).sum(1) > 0).float().mean()))
     partial = gradcam_share_penalty(maps, data.protected)
-    assert 0 < float(partial) < 1
+    assert 0 < float(partial.detach()) < 1
     partial.backward()
     assert model.features[0].weight.grad is not None
     assert float(model.features[0].weight.grad.abs().sum()) > 0

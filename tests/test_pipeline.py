@@ -269,3 +269,19 @@ def test_bad_run_options_fail_before_any_work(args, message, small_dataset, tmp_
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.toml"]
+
+
+def test_bf16_is_used_only_where_it_keeps_the_predictions(reference, small_dataset, tmp_path):
+    config = one_model_config(tmp_path / "audit.toml", small_dataset)
+    args = ("run", config, "--out", tmp_path / "run", "--no-report", "--quiet", "--workers", 0)
+    result = invoke(*args, "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "bfloat16" in x)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["precision"] == "bf16"
+    assert "autocast used (same predictions on 8 images)" in line or "float32 kept" in line
+    mixed = pd.read_csv(tmp_path / "run" / "samples.csv")
+    exact = pd.read_csv(reference / "samples.csv")
+    assert (mixed["prediction"] == exact["prediction"]).mean() > 0.95
+    if "float32 kept" in line:
+        same_results(tmp_path / "run", reference)

@@ -41,6 +41,9 @@ class Gate:
     # Path inside each block of `metrics.models.<name>.fairness` (one per protected attribute and
     # the intersection): where a run has those blocks, the gate applies to each of them instead.
     per_attribute: tuple[str, ...] | None = None
+    # The explanation method the metric is measured with: where the run's randomization test
+    # says that method's maps do not depend on the model, the gate is "not trusted".
+    method: str | None = None
 
 
 GATES: dict[str, Gate] = {
@@ -75,6 +78,7 @@ GATES: dict[str, Gate] = {
     ),
     "max_protected_attention": Gate(
         metric=("attention", "gradcam", "overall", "protected", "share"),
+        method="gradcam",
         op="<=",
         label="Grad-CAM share on protected regions",
         default=0.30,
@@ -105,6 +109,7 @@ GATES: dict[str, Gate] = {
     "max_attention_gap_between_groups": Gate(
         metric=None,
         per_attribute=("attention_gap",),
+        method="gradcam",
         op="<=",
         label="gap between groups in Grad-CAM share on protected regions",
         default=0.10,
@@ -116,6 +121,21 @@ GATES: dict[str, Gate] = {
         why_default=(
             "A choice of this project: at most 10 points between the groups' mean shares, about "
             "twice the sampling noise of a few hundred images per group. Lower it for large sets."
+        ),
+    ),
+    "max_protected_occlusion_effect": Gate(
+        metric=("trust", "occlusion", "protected", "mean", "overall", "effect"),
+        op="<=",
+        label="drop in confidence when the protected regions are hidden, beyond a control",
+        default=0.10,
+        protects=(
+            "A model whose decision depends on the protected attribute's pixels: hiding hair and "
+            "face (filled with the image's mean colour) lowers its confidence in its prediction "
+            "more than hiding a patch of the same shape elsewhere."
+        ),
+        why_default=(
+            "A choice of this project: at most 10 points of probability beyond the control; a "
+            "model that uses the attribute loses far more when it cannot see it."
         ),
     ),
 }
@@ -190,6 +210,7 @@ def evaluate_gates(
                 passed = value is not None and (
                     value >= threshold if gate.op == ">=" else value <= threshold
                 )
+                untrusted = _untrusted(model_metrics, gate.method)
                 row = {
                     "model": model,
                     "gate": key,
@@ -205,12 +226,17 @@ def evaluate_gates(
                     "protects": gate.protects,
                     "why_default": gate.why_default,
                 }
+                row["status"] = "pass" if passed else "fail"
+                if untrusted:
+                    row["passed"] = False
+                    row["status"] = "not trusted"
+                    row["note"] = untrusted
                 if attribute is not None:
                     row["attribute"] = attribute
                     if len(fairness) > 1:
                         row["label"] = f"{gate.label} ({attribute})"
                     skipped = (block or {}).get("skipped") or {}
-                    if skipped.get("cells") or skipped.get("groups"):
+                    if (skipped.get("cells") or skipped.get("groups")) and "note" not in row:
                         row["note"] = (
                             f"{skipped.get('groups', 0)} groups and {skipped.get('cells', 0)} "
                             f"cells with fewer than {block.get('min_cell_size')} images were "
@@ -218,6 +244,20 @@ def evaluate_gates(
                         )
                 rows.append(row)
     return rows
+
+
+def _untrusted(model_metrics: dict[str, Any], method: str | None) -> str | None:
+    """Why a gate measured with `method` cannot be believed for this model, or None."""
+    if method is None:
+        return None
+    checked = ((model_metrics.get("trust") or {}).get("methods") or {}).get(method)
+    if not checked or checked.get("trusted", True):
+        return None
+    final = checked["randomization"].get("final_spearman", {}).get("value")
+    return (
+        f"not trusted: {method} maps barely change when the model's weights are randomized "
+        f"(rank correlation {final:.2f} after the full cascade), so they do not show this model"
+    )
 
 
 def verdicts(rows: list[dict[str, Any]], models: list[str]) -> dict[str, str]:

@@ -4,6 +4,7 @@
 [trust]
 enabled = true                    # false: no trust checks
 samples = 256                     # seeded sample of the evaluation split the checks run on
+faithfulness_samples = 64         # the first of those that deletion / insertion runs on (costly)
 max_randomized_correlation = 0.5  # a method passes when its Spearman after the full cascade is below
 steps = 20                        # deletion/insertion steps (20 = 5% of the pixels per step)
 deletion_baseline = "zero"        # what deleted pixels become: "zero" (black), "blur" or "mean"
@@ -38,6 +39,7 @@ class TrustConfig:
 
     enabled: bool = True
     samples: int = 256
+    faithfulness_samples: int = 64
     max_randomized_correlation: float = 0.5
     steps: int = 20
     deletion_baseline: str = "zero"
@@ -54,7 +56,7 @@ class TrustConfig:
 
         if not isinstance(self.enabled, bool):
             fail("enabled", "true or false")
-        for key in ("samples", "steps", "batch_size"):
+        for key in ("samples", "faithfulness_samples", "steps", "batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 fail(key, "an integer > 0")

@@ -1,0 +1,241 @@
+"""Data-set-scale audits: peak memory against the evaluation set's size, map throughput, Ray.
+
+    python benchmarks/bench_scale.py [--sizes 5000 20000] [--image-size 224] [--arch resnet18]
+
+For each size: a doctor/nurse set with that many test images (each with a twin) is generated, two
+models of `--arch` (random weights, saved as state dicts) are audited with `audit run --no-report`
+(Grad-CAM on every image), and the peak resident memory of the whole process tree (DataLoader
+workers included) is sampled. Then, on the largest set, the map stage's throughput is compared
+with plain batched inference of the same model over the same DataLoader, and the run is repeated
+on a local Ray with two workers (its time, and whether samples.csv and metrics.json are identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from audit.data.doctor_nurse import DoctorNurseSpec, generate  # noqa: E402
+from audit.data.manifest import read_manifest  # noqa: E402
+from audit.models.io import save_checkpoint  # noqa: E402
+from audit.models.zoo import build_model  # noqa: E402
+from audit.pipeline.frames import FrameDataset, squash  # noqa: E402
+from audit.pipeline.map import MapSpec, loader, map_shards  # noqa: E402
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc (Linux)."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+        stack += _children(current)
+    return total
+
+
+def run_measured(args: list[str]) -> tuple[float, int]:
+    """Wall time and peak resident memory (sum over the process tree) of a command."""
+    started = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(process.pid))
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    _, err = process.communicate()
+    done.set()
+    thread.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{err.decode()[-2000:]}")
+    return time.perf_counter() - started, peak
+
+
+def write_config(folder: Path, manifest: Path, arch: str, image_size: int, batch: int) -> Path:
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(arch, 2)
+        save_checkpoint(
+            model, folder / f"m{seed}.pt", arch=arch, classes=["doctor", "nurse"], meta={}
+        )
+    config = folder / "audit.toml"
+    config.write_text(
+        f"""bootstrap = 200
+[data]
+manifest = "{manifest}"
+image_size = {image_size}
+[[model]]
+name = "m0"
+arch = "{arch}"
+checkpoint = "m0.pt"
+[[model]]
+name = "m1"
+arch = "{arch}"
+checkpoint = "m1.pt"
+[explain]
+methods = ["gradcam"]
+samples_per_cell = 2
+mistakes_per_cell = 2
+batch_size = {batch}
+[trust]
+enabled = false
+"""
+    )
+    return config
+
+
+def throughput(manifest_path: Path, arch: str, image_size: int, size: int, workers: int) -> dict:
+    """Images/s of the map stage against plain inference over the same DataLoader."""
+    manifest = read_manifest(manifest_path)
+    rows = manifest.split("test")
+    torch.manual_seed(0)
+    model = build_model(arch, 2).eval()
+    regions = list(manifest.regions)
+    frames = FrameDataset(
+        manifest, rows, ["doctor", "nurse"], squash(image_size), regions=regions, twins=["twin"]
+    )
+    device = torch.device("cpu")
+    n = len(frames)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader(frames, size, workers, device):
+            model(batch["image"])
+    plain = n / (time.perf_counter() - started)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader(frames, size, workers, device):
+            model(batch["image"])
+            model(batch["twins"][:, 0])
+    plain_twins = n / (time.perf_counter() - started)
+    spec = MapSpec(
+        layer=None,
+        regions=regions,
+        unions={"protected": ["hair", "face"], "core": ["stethoscope", "badge"]},
+        twin_attributes=["sex"],
+        batch_size=size,
+    )
+    started = time.perf_counter()
+    for _ in map_shards(model, spec, frames, [(0, n)], device, workers):
+        pass
+    mapped = n / (time.perf_counter() - started)
+    return {"plain": plain, "plain_with_twins": plain_twins, "map": mapped}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-ray", action="store_true")
+    args = parser.parse_args()
+    audit = [str(Path(sys.executable).parent / "audit")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        results = []
+        for size in args.sizes:
+            folder = root / f"n{size}"
+            started = time.perf_counter()
+            manifest = generate(
+                DoctorNurseSpec(
+                    seed=0, image_size=args.image_size, n_train=4, n_val=4, n_test=size
+                ),
+                folder / "data",
+                progress=False,
+            )
+            generation = time.perf_counter() - started
+            config = write_config(folder, manifest, args.arch, args.image_size, args.batch)
+            wall, peak = run_measured(
+                [
+                    *audit,
+                    "run",
+                    str(config),
+                    "--out",
+                    str(folder / "run"),
+                    "--no-report",
+                    "--quiet",
+                    "--workers",
+                    str(args.workers),
+                ]
+            )
+            results.append((size, generation, wall, peak))
+            print(
+                f"{size} images at {args.image_size} px, {args.arch} x 2: generation {generation:.0f} s, "
+                f"audit run {wall:.0f} s ({2 * size / wall:.1f} img/s over both models), "
+                f"peak RSS {peak / 2**30:.2f} GiB",
+                flush=True,
+            )
+        if len(results) > 1:
+            small, large = results[0][3], results[-1][3]
+            print(f"peak memory, largest / smallest: {large / small:.3f}")
+        largest = root / f"n{args.sizes[-1]}"
+        rates = throughput(
+            largest / "data" / "manifest.csv", args.arch, args.image_size, args.batch, args.workers
+        )
+        print(
+            f"throughput on {args.sizes[-1]} images (workers={args.workers}): plain inference "
+            f"{rates['plain']:.1f} img/s, plain inference of images + twins "
+            f"{rates['plain_with_twins']:.1f} img/s, map stage {rates['map']:.1f} img/s "
+            f"({rates['map'] / rates['plain']:.2f}x plain, "
+            f"{rates['map'] / rates['plain_with_twins']:.2f}x the same forwards)",
+            flush=True,
+        )
+        if not args.skip_ray:
+            wall, _ = run_measured(
+                [
+                    *audit,
+                    "run",
+                    str(largest / "audit.toml"),
+                    "--out",
+                    str(largest / "ray"),
+                    "--no-report",
+                    "--quiet",
+                    "--ray",
+                    "--workers",
+                    "2",
+                ]
+            )
+            same = all(
+                filecmp.cmp(largest / "run" / f, largest / "ray" / f, shallow=False)
+                for f in ("samples.csv", "metrics.json")
+            )
+            print(
+                f"local Ray, 2 workers: {wall:.0f} s against {results[-1][2]:.0f} s locally; "
+                f"samples.csv and metrics.json identical: {same}"
+            )
+
+
+if __name__ == "__main__":
+    main()
