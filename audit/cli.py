@@ -527,8 +527,9 @@ def explain(
     import pandas as pd
     import torch
 
+    from audit.config import ModelConfig
     from audit.explain import METHODS, explain_many
-    from audit.models.io import load_model
+    from audit.models.sources import prepare_model
     from audit.models.zoo import default_layer
     from audit.report.explain_out import overlay_names, save_explanations
 
@@ -536,11 +537,16 @@ def explain(
     for method in methods:
         if method not in METHODS:
             raise BadInput(f"--method: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    batch = [_read_input_image(path, image_size) for path in images]  # before anything heavy
-    model = load_model(checkpoint, arch, len(names), trust=trust)
-    x = torch.stack(batch)
+    raw = [_read_input_image(path) for path in images]  # before anything heavy
+    spec = ModelConfig(name="model", arch=arch, checkpoint=str(checkpoint), trust=trust)
+    prepared = prepare_model(spec, names, base_dir=Path("."), image_size=image_size)
+    model, preprocess = prepared.model, prepared.preprocess
+    x = torch.stack([preprocess.geometry(image).float() / 255 for image in raw])
     try:
-        result = explain_many(model, x, methods, {"pred": None}, layer=layer or default_layer(arch))
+        with preprocess.attach(model):
+            result = explain_many(
+                model, x, methods, {"pred": None}, layer=layer or default_layer(arch)
+            )
     except ValueError as error:  # the engine's checks of the user's layer and model
         raise BadInput(" ".join(str(error).split())) from None
     folders = overlay_names(images)
@@ -559,19 +565,19 @@ def explain(
     click.echo(f"overlays in {out}")
 
 
-def _read_input_image(path: Path, size: int) -> Any:
-    """One input of `audit explain` as a (3, size, size) float tensor; BadInput naming the file
+def _read_input_image(path: Path) -> Any:
+    """One input of `audit explain` as a (3, H, W) uint8 tensor; BadInput naming the file
     when it is missing, not a file, or not a decodable image."""
     from PIL import Image
 
-    from audit.data.dataset import read_rgb, resize_image
+    from audit.data.dataset import read_rgb
 
     if not path.exists():
         raise BadInput(f"{path}: file not found")
     if not path.is_file():
         raise BadInput(f"{path}: not a file")
     try:
-        return resize_image(read_rgb(str(path)), size).float() / 255
+        return read_rgb(str(path))
     except (OSError, RuntimeError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BadInput(f"{path}: not a readable image: {reason}") from None

@@ -48,8 +48,10 @@ class MitigationConfig:
     """Which mitigation to train with, and its hyperparameters (only the chosen one's keys matter).
 
     Defaults: Group DRO's step size is the paper's 0.01 scaled up for a training run ~100x shorter
-    than the paper's (see `dro_eta`); JTT's follow the paper's CelebA setting (1 epoch, x50);
-    the two attention penalties' strengths were picked on the doctor/nurse `val` split.
+    than the paper's (see `dro_eta`); JTT's follow the paper's CelebA setting (1 epoch, x50). The
+    penalties' strengths have no published value for this setting: rrr_lambda=1000 (Ross et al.'s
+    code) stalled training on the doctor/nurse set, so the default is lower; none of these defaults
+    has yet been tuned on that set's `val` split (benchmarks/bench_mitigations.py does it).
     """
 
     name: str = "none"
