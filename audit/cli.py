@@ -136,6 +136,18 @@ data.add_command(import_)
     default=0.93,
     help="Share of nurses who are women in train_biased.",
 )
+@click.option(
+    "--doctor-old",
+    type=click.FloatRange(0, 1),
+    default=0.7,
+    help="Share of doctors who are old in train_biased (each sex alike).",
+)
+@click.option(
+    "--nurse-young",
+    type=click.FloatRange(0, 1),
+    default=0.7,
+    help="Share of nurses who are young in train_biased (each sex alike).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
