@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 
 # Chromium and pdftoppm are only needed by the report tests (real browser, PDF pages).
 system-deps:
-	@command -v chromium >/dev/null && command -v pdftoppm >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils >/dev/null)
+	@command -v chromium >/dev/null && command -v pdftoppm >/dev/null && test -d /usr/share/fonts/truetype/dejavu || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils fonts-dejavu-core >/dev/null)
 
 demo: $(STAMP)
 	$(BIN)/audit demo --out reports/demo

@@ -1,0 +1,166 @@
+"""Does `audit run` find the doctor/nurse shortcut in a timm model and a Hugging Face ViT?
+
+For each family (the built-in CNN as the reference, `timm:NAME`, a tiny Hugging Face ViT loaded
+with `hf:FOLDER`) the audit trains one model on `train_biased` and one on `train_balanced` and
+audits both on the balanced test set (Grad-CAM, counterfactual twins; trust stage off to save
+time). The table shows, per model, accuracy, worst-group accuracy (class x group cell), the share
+of Grad-CAM mass on hair + face (`protected`) and the counterfactual flip rate, with bootstrap 95%
+intervals: the shortcut is found when the biased model is worse on its worst cell, looks more at
+hair and face and flips more often than the balanced one.
+
+Run (CPU, shared machine: nice, few epochs; the data set is generated when missing):
+
+    nice .venv/bin/python benchmarks/bench_own_models.py --data /tmp/h9/dn --out /tmp/h9/bench
+
+Each family is one `audit run` of its own (config written to OUT/<family>.toml, run folder
+OUT/<family>), so a family that finished is kept if a later one is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+AUDIT = str(Path(sys.executable).with_name("audit"))
+
+MODEL = """
+[[model]]
+name = "{family}_{split}"
+arch = "{arch}"
+train_split = "train_{split}"
+epochs = {epochs}
+lr = {lr}
+"""
+
+CONFIG = """seed = 0
+bootstrap = {bootstrap}
+title = "Shortcut found in own models? ({family})"
+[data]
+manifest = "{manifest}"
+protected_regions = ["hair", "face"]
+core_regions = ["stethoscope", "badge"]
+[explain]
+methods = ["gradcam"]
+samples_per_cell = 2
+[trust]
+enabled = false
+"""
+
+
+def save_hf_vit(folder: Path, size: int = 64) -> None:
+    """A tiny ViT from scratch (random weights) with its image processor, as save_pretrained
+    writes them: the labels in the manifest's names, the processor squashing to size x size."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    labels = ["doctor", "nurse"]
+    config = ViTConfig(
+        image_size=size,
+        patch_size=8,
+        hidden_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        intermediate_size=192,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
+
+
+def families(args: argparse.Namespace, out: Path) -> dict[str, tuple[str, int, float]]:
+    """family -> (arch, epochs, lr)."""
+    return {
+        "cnn": ("small_cnn", args.epochs_cnn, 3e-3),
+        "timm": (f"timm:{args.timm}", args.epochs_timm, 3e-3),
+        "hf": ("hf:hf_vit", args.epochs_hf, args.lr_hf),
+    }
+
+
+def run_family(family: str, arch: str, epochs: int, lr: float, args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    config = out / f"{family}.toml"
+    text = CONFIG.format(
+        bootstrap=args.bootstrap, family=family, manifest=Path(args.data) / "manifest.csv"
+    )
+    for split in ("biased", "balanced"):
+        text += MODEL.format(family=family, split=split, arch=arch, epochs=epochs, lr=lr)
+    config.write_text(text)
+    command = [AUDIT, "run", str(config), "--out", str(out / family), "--no-report", "--quiet"]
+    command += ["--force"] if (out / family).exists() else []
+    print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    seconds = time.perf_counter() - start
+    metrics = json.loads((out / family / "metrics.json").read_text())
+    return {"seconds": seconds, "metrics": metrics, "epochs": epochs, "arch": arch}
+
+
+def _ci(estimate: dict[str, Any], scale: float = 100.0) -> str:
+    value, low, high = (estimate.get(k) for k in ("value", "ci_low", "ci_high"))
+    if value is None:
+        return "n/a"
+    if low is None or high is None:
+        return f"{value * scale:.1f}%"
+    return f"{value * scale:.1f}% [{low * scale:.1f}-{high * scale:.1f}]"
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = [
+        "| model | arch, epochs | accuracy | worst-group accuracy (cell) | Grad-CAM on hair+face "
+        "| flip rate | audit run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family, result in results.items():
+        for name, model in result["metrics"]["models"].items():
+            perf = model["performance"]
+            worst = perf["worst_group_accuracy"]
+            share = model["attention"]["gradcam"]["overall"]["protected"]["share"]
+            flips = model.get("counterfactual", {}).get("flip_rate", {})
+            lines.append(
+                f"| {name} | {result['arch']}, {result['epochs']} | {_ci(perf['accuracy'])} "
+                f"| {_ci(worst)} ({worst.get('cell')}) | {_ci(share)} | {_ci(flips)} "
+                f"| {result['seconds']:.0f} s |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="/tmp/h9/dn", help="doctor/nurse folder (made if missing)")
+    parser.add_argument("--out", default="/tmp/h9/bench")
+    parser.add_argument("--families", default="cnn,timm,hf")
+    parser.add_argument("--timm", default="resnet10t", help="timm model name")
+    parser.add_argument("--epochs-cnn", type=int, default=10)
+    parser.add_argument("--epochs-timm", type=int, default=6)
+    parser.add_argument("--epochs-hf", type=int, default=10)
+    parser.add_argument("--lr-hf", type=float, default=1e-3)
+    parser.add_argument("--bootstrap", type=int, default=200)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (Path(args.data) / "manifest.csv").is_file():
+        subprocess.run([AUDIT, "data", "doctor-nurse", "--out", args.data], check=True)
+    if not (out / "hf_vit" / "config.json").is_file():
+        save_hf_vit(out / "hf_vit")
+    results: dict[str, dict] = {}
+    chosen = families(args, out)
+    for family in args.families.split(","):
+        arch, epochs, lr = chosen[family]
+        results[family] = run_family(family, arch, epochs, lr, args)
+        print(table({family: results[family]}), flush=True)
+    print(f"\ncores: {os.cpu_count()}, seed 0, test split of {args.data} (800 images)")
+    print(table(results))
+    (out / "table.md").write_text(table(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
