@@ -58,6 +58,7 @@ import tomllib
 from audit.explain import METHODS
 from audit.metrics.gates import GATES, resolve_gates
 from audit.metrics.trust.config import TrustConfig
+from audit.models.mitigations import MitigationConfig, MitigationError
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,29 @@ class ModelConfig:
     init: str = ""  # training starts from: "" (random), a state dict PATH, or "pretrained"
     kwargs: dict = field(default_factory=dict)  # passed to timm / torchvision / python: factories
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Training with a mitigation (audit.models.mitigations): none | group_balanced | group_dro |
+    # jtt | right_reasons | attention_penalty, and their hyperparameters.
+    mitigation: str = "none"
+    dro_eta: float = 0.1
+    dro_weight_decay: float = 0.1
+    jtt_epochs: int = 1
+    jtt_upweight: float = 50.0
+    rrr_lambda: float = 10.0
+    attention_lambda: float = 1.0
+    attention_layer: str = ""
+
+    def mitigation_config(self) -> MitigationConfig:
+        """This model's mitigation with its hyperparameters."""
+        return MitigationConfig(
+            name=self.mitigation,
+            dro_eta=self.dro_eta,
+            dro_weight_decay=self.dro_weight_decay,
+            jtt_epochs=self.jtt_epochs,
+            jtt_upweight=self.jtt_upweight,
+            rrr_lambda=self.rrr_lambda,
+            attention_lambda=self.attention_lambda,
+            attention_layer=self.attention_layer or None,
+        )
 
 
 @dataclass
@@ -246,6 +270,15 @@ def check(config: AuditConfig) -> None:
         raise ConfigError("no [[model]] table: an audit needs at least one model")
     names = [m.name for m in config.model]
     for i, model in enumerate(config.model):
+        if model.mitigation != "none" and not model.train_split:
+            raise ConfigError(
+                f"model {model.name!r}: mitigation {model.mitigation!r} is a way of training; "
+                "it needs train_split"
+            )
+        try:
+            model.mitigation_config().check(has_groups=True, has_masks=True)
+        except MitigationError as error:
+            raise ConfigError(f"model {model.name!r}: {error}") from None
         if not model.name:
             raise ConfigError(f"model[{i}].name is required")
         if names.count(model.name) > 1:

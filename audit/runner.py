@@ -38,6 +38,7 @@ from audit.metrics.gates import evaluate_gates, verdicts
 from audit.metrics.groups import cell_rows
 from audit.metrics.trust import occlusion_difference
 from audit.models.io import read_state_dict, save_checkpoint, sha256
+from audit.models.mitigations import NEEDS_MASKS, MitigationError
 from audit.models.sources import Prepared, build_model, check_arch, prepare_model
 from audit.models.train import TrainConfig, train_model
 from audit.models.zoo import default_layer
@@ -186,7 +187,19 @@ class Auditor:
         self.attributes = list(config.data.attributes) or named
         for model in config.model:
             if model.train_split:
-                self.manifest.split(model.train_split)
+                rows = self.manifest.split(model.train_split)
+                masks = [f"mask:{r}" for r in config.data.protected_regions]
+                has_masks = all(c in rows for c in masks) and bool(
+                    (rows[[c for c in masks if c in rows]] != "").any(axis=1).all()
+                )
+                try:
+                    model.mitigation_config().check(
+                        has_groups=bool((rows["group"] != "").all()), has_masks=has_masks
+                    )
+                except MitigationError as error:
+                    raise AuditError(
+                        f"model {model.name!r} (train_split {model.train_split!r}): {error}"
+                    ) from None
         # Models are built or loaded now, so that a wrong checkpoint fails before any work is done.
         self.prepared: dict[str, Prepared] = {}
         for spec in config.model:
@@ -288,6 +301,7 @@ class Auditor:
             info["n_train"] = len(train_rows)
             if spec.init:
                 info["init"] = spec.init
+            info |= spec.mitigation_config().resolved()
             if resumed:
                 model.load_state_dict(read_state_dict(checkpoint))
                 info["history"] = json.loads(history_file.read_text())
@@ -300,22 +314,35 @@ class Auditor:
                     and (self.manifest.table["split"] == self.config.data.val_split).any()
                 ):
                     val = self.dataset(spec, self.manifest.split(self.config.data.val_split))
+                mitigation = spec.mitigation_config()
+                protected = (
+                    self.config.data.protected_regions if mitigation.name in NEEDS_MASKS else None
+                )
                 with prepared.preprocess.attach(model):
                     history = train_model(
                         model,
-                        self.dataset(spec, train_rows),
+                        self.dataset(spec, train_rows, protected=protected),
                         TrainConfig(
                             epochs=spec.epochs,
                             batch_size=spec.batch_size,
                             lr=spec.lr,
                             seed=self.config.seed,
+                            mitigation=mitigation,
                         ),
                         val=val,
                         desc=f"train {spec.name}",
                         progress=self.options.progress,
                         device=self.device,
                     )
-                info["history"] = {"loss": history.loss, "val_accuracy": history.val_accuracy}
+                info["history"] = {
+                    "loss": history.loss,
+                    "val_accuracy": history.val_accuracy,
+                    "val_worst_group_accuracy": history.val_worst_group_accuracy,
+                }
+                if history.group_weights is not None:
+                    info["dro_group_weights"] = history.group_weights
+                if history.jtt_errors is not None:
+                    info["jtt_errors"] = history.jtt_errors
         model.to(self.device).eval()
         if not resumed:
             save_checkpoint(
@@ -419,40 +446,35 @@ class Auditor:
         """samples.csv's rows of one model from its map rows (names instead of indices)."""
         eval_rows = self.eval_rows.reset_index(drop=True)
         bad = ~rows["ok"].to_numpy(bool)
-        table = pd.DataFrame(
-            {
-                "model": spec.name,
-                "image": eval_rows["image"],
-                "label": eval_rows["label"],
-                "group": eval_rows["group"],
-                "split": eval_rows["split"],
-                "prediction": np.array(self.classes, dtype=object)[rows["prediction"]],
-                "confidence": rows["confidence"].to_numpy(np.float64),
-                "correct": rows["correct"].to_numpy(bool),
-            }
-        )
+        classes = np.array(self.classes, dtype=object)
+        columns: dict[str, Any] = {
+            "model": spec.name,
+            "image": eval_rows["image"],
+            "label": eval_rows["label"],
+            "group": eval_rows["group"],
+            "split": eval_rows["split"],
+            "prediction": classes[rows["prediction"]],
+            "confidence": rows["confidence"].to_numpy(np.float64),
+            "correct": rows["correct"].to_numpy(bool),
+        }
         if "flipped" in rows:
-            table["counterfactual_prediction"] = np.array(self.classes, dtype=object)[
-                rows["counterfactual_prediction"]
-            ]
-            table["counterfactual_source"] = np.where(
+            columns["counterfactual_prediction"] = classes[rows["counterfactual_prediction"]]
+            columns["counterfactual_source"] = np.where(
                 rows["counterfactual_from_twin"].to_numpy(bool), "twin", "mean_fill"
             )
-            table["flipped"] = rows["flipped"].to_numpy(bool)
+            columns["flipped"] = rows["flipped"].to_numpy(bool)
         for attribute in self.attributes:
-            table[f"group:{attribute}"] = eval_rows[
-                self.manifest.attribute_columns[attribute]
-            ].to_numpy()
-        for column in rows.columns:
-            if column.startswith("flipped:"):
-                table[column] = rows[column].to_numpy(np.float64)
-        table["explained"] = False
-        table["gradcam_mass"] = rows["gradcam_mass"].to_numpy(np.float64)
+            column = self.manifest.attribute_columns[attribute]
+            columns[f"group:{attribute}"] = eval_rows[column].to_numpy()
+        columns |= {c: rows[c].to_numpy(np.float64) for c in rows if c.startswith("flipped:")}
+        columns["explained"] = False
+        columns["gradcam_mass"] = rows["gradcam_mass"].to_numpy(np.float64)
         for column in rows.columns:
             if column.split(":")[0] in ("share", "hit", "iou", "area"):
-                table[column] = rows[column].to_numpy(np.float64)
+                columns[column] = rows[column].to_numpy(np.float64)
         for extra in self.manifest.extra_columns:
-            table[f"extra:{extra}"] = eval_rows[extra].to_numpy()
+            columns[f"extra:{extra}"] = eval_rows[extra].to_numpy()
+        table = pd.DataFrame(columns)
         return table[~bad].reset_index(drop=True) if bad.any() else table
 
     def audit_model(
@@ -467,7 +489,12 @@ class Auditor:
     ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
         layer = spec.layer or default_layer(spec.arch)
         _check_layer(spec.name, spec.arch, model, layer)
-        rows = self.map_model(spec, model)
+        try:
+            rows = self.map_model(spec, model)
+        except ValueError as error:  # the engine refuses the layer's output (not a map or tokens)
+            if isinstance(error, ImageDecodeError) or not str(error).startswith("layer "):
+                raise
+            raise AuditError(f"model {spec.name!r}: {error}") from None
         table = self.sample_table(spec, rows)
         info["bad_images"] = int((~rows["ok"].to_numpy(bool)).sum())
         if info["bad_images"]:
@@ -513,10 +540,8 @@ class Auditor:
         explained[positions] = True
         keep = rows["ok"].to_numpy(bool)
         table["explained"] = explained[keep]
-        for key in sorted(
-            columns, key=lambda k: (k.split(":")[1], k.split(":")[2], k.split(":")[0])
-        ):
-            table[key] = columns[key][keep]
+        order = sorted(columns, key=lambda k: (k.split(":")[1], k.split(":")[2], k.split(":")[0]))
+        added = {key: columns[key][keep] for key in order}
         info["layer"] = layer
         info["mistakes_shown"] = mistakes
         extra: dict[str, Any] = {}
@@ -541,10 +566,11 @@ class Auditor:
             for column, values in trust_columns.items():
                 full = np.full(len(rows), np.nan)
                 full[sample] = values
-                table[column] = full[keep]
+                added[column] = full[keep]
             extra["occlusion"] = occlusion
             trusted = {m: v["trusted"] for m, v in block["methods"].items()}
             self.log(f"{spec.name}: randomization test passed: {trusted}")
+        table = pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
         return table, info, extra
 
     # -- all models ---------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def table(results: dict[str, dict]) -> str:
         "| flip rate | audit run |",
         "|---|---|---|---|---|---|---|",
     ]
-    for family, result in results.items():
+    for result in results.values():
         for name, model in result["metrics"]["models"].items():
             perf = model["performance"]
             worst = perf["worst_group_accuracy"]
@@ -135,7 +135,9 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="/tmp/h9/dn", help="doctor/nurse folder (made if missing)")
+    parser.add_argument(
+        "--data", default="/tmp/h9/dn", help="doctor/nurse folder (made if missing)"
+    )
     parser.add_argument("--out", default="/tmp/h9/bench")
     parser.add_argument("--families", default="cnn,timm,hf")
     parser.add_argument("--timm", default="resnet10t", help="timm model name")

@@ -43,6 +43,7 @@ GROUP_COLOURS = ["#332288", "#44AA99", "#DDCC77", "#882255", "#88CCEE", "#999933
 VERDICT_COLOURS = {"pass": "#1A7F37", "fail": "#B42318"}
 REFERENCE_COLOUR = "#BBBBBB"  # the "uniform attention" reference bars (hatched)
 CHART_WIDTH_IN = 3.9
+CURVES_WIDTH_IN = 3.3  # two deletion / insertion charts side by side on an A4 page
 HEATMAP_CMAP = "jet"  # the overlays' colour map (audit.report.overlays), shown by colour_bar
 
 
@@ -86,19 +87,26 @@ def grouped_bars(
     colours: dict[str, str],
     percent: bool = True,
     reference: str | None = None,
+    signed: bool = False,
 ) -> str:
     """Horizontal bars, one row of bars per category and one bar per series, with 95% CI whiskers.
 
     Horizontal so that long category names never collide, whatever their number. `colours` maps
     each series to its colour; the series named `reference` (if any) is drawn grey and hatched.
+    `signed`: the axis spans the data and its intervals (negative values included, a line at 0)
+    instead of 0 to 100%.
     """
     n_series = max(1, len(series))
     bar = 0.8 / n_series
     height = 0.9 + len(categories) * (0.19 * n_series + 0.12)
     fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, height))
     y = np.arange(len(categories))
+    ends = [0.0]
     for i, (name, estimates) in enumerate(series.items()):
         values, err = _errors(estimates)
+        ends += [
+            v for v in (values - err[0]).tolist() + (values + err[1]).tolist() if np.isfinite(v)
+        ]
         is_ref = name == reference
         ax.barh(
             y + (i - (n_series - 1) / 2) * bar,
@@ -116,7 +124,15 @@ def grouped_bars(
     ax.invert_yaxis()  # first category on top, as in the tables
     ax.set_xlabel(xlabel)
     ax.set_title(_wrap(title, 60), loc="left")
-    if percent:
+    if signed:
+        low, high = min(ends), max(max(ends), 0.01)
+        pad = 0.05 * (high - low)
+        ax.set_xlim(low - pad if low < 0 else 0.0, high + pad)
+        ax.axvline(0, color="#333333", linewidth=0.8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        if percent:
+            ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=None))
+    elif percent:
         ax.set_xlim(0, 1.0)
         ax.xaxis.set_major_locator(matplotlib.ticker.MultipleLocator(0.25))
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
@@ -179,6 +195,80 @@ def stacked_shares(
         ncol=min(4, len(groups)),
     )
     return _svg(fig)
+
+
+METHOD_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v")]
+RANDOM_COLOUR = "#666666"  # the random-order reference curves (dashed, no marker)
+
+
+def deletion_insertion(series: dict[str, dict[str, Any]], title: str, colour: str) -> str:
+    """Deletion and insertion curves of one model (two panels, one above the other): the mean
+    probability of the predicted class against the fraction of pixels deleted / revealed, one line
+    per method (the model's colour; methods told apart by line style and marker) and the random
+    order in grey. `series`: method name -> faithfulness block (fractions, *_curve, *_auc)."""
+    first = next(iter(series.values()))
+    fig, axes = plt.subplots(1, 2, figsize=(CURVES_WIDTH_IN, 2.2), sharey=True)
+    for ax, curve, verb in zip(
+        axes, ("deletion", "insertion"), ("deleted", "revealed"), strict=True
+    ):
+        x = np.asarray(first.get("fractions") or np.linspace(0, 1, len(first[f"{curve}_curve"])))
+        for i, (name, block) in enumerate(series.items()):
+            line, marker = METHOD_STYLES[i % len(METHOD_STYLES)]
+            label = name
+            ax.plot(
+                x,
+                block[f"{curve}_curve"],
+                linestyle=line,
+                marker=marker,
+                markersize=3,
+                color=colour,
+                label=label,
+            )
+        rnd = first.get(f"random_{curve}_curve")
+        if rnd is not None:
+            label = "random order"
+            ax.plot(x, rnd, linestyle="--", color=RANDOM_COLOUR, label=label)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(curve, loc="left")
+        ax.set_xlabel(f"pixels {verb}")
+        ax.set_xticks([0, 0.5, 1])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.grid(color="#e5e5e5", linewidth=0.6)
+    axes[0].set_ylabel("probability")
+    handles, _ = axes[0].get_legend_handles_labels()
+    labels = [
+        f"{h.get_label()}: AUC {auc_text}"
+        for h, auc_text in zip(handles, _auc_pairs(series), strict=False)
+    ]
+    fig.legend(
+        handles,
+        labels,
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(0.0, 0.0),
+        ncol=1,
+        handlelength=2.2,
+    )
+    fig.suptitle(_wrap(title, 60), x=0.02, ha="left", fontsize=10)
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def _auc_pairs(series: dict[str, dict[str, Any]]) -> list[str]:
+    """'deletion 0.21, insertion 0.64' per method, then for the random order."""
+
+    def pair(block: dict[str, Any], prefix: str) -> str:
+        values = [
+            (block.get(f"{prefix}{c}_auc") or {}).get("value") for c in ("deletion", "insertion")
+        ]
+        return ", ".join(
+            f"{c} {v:.2f}" if v is not None else f"{c} n/a"
+            for c, v in zip(("del.", "ins."), values, strict=True)
+        )
+
+    first = next(iter(series.values()))
+    return [pair(b, "") for b in series.values()] + [pair(first, "random_")]
 
 
 def colour_bar(label: str, cmap: str = HEATMAP_CMAP) -> str:

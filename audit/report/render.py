@@ -25,11 +25,13 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 from PIL import Image
 
-from audit.report import charts
+from audit.report import charts, sections
+from audit.report.fmt import ci_html, nowrap, pct, points, share_text
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 MAX_FLIPPED_SHOWN = 24  # counterfactual pairs the runner draws per model
 PAIRS_SHOWN = 8  # of those, pairs shown per model in the report
+CELLS_SHOWN = 12  # class x group cells in the performance table and chart, worst first
 DEFAULT_MISTAKES_PER_CELL = 4  # explain.mistakes_per_cell when config.json has none
 THUMB_QUALITY = 72  # JPEG quality of the embedded overlays
 PDF_ID_PREFIX = (
@@ -72,50 +74,7 @@ class ReportError(ValueError):
     """A run folder that cannot be rendered."""
 
 
-# -- formatting ----------------------------------------------------------------------------------
-def pct(value: float | None, digits: int = 0) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
-
-
-def share_text(value: float | None) -> str:
-    """A share for a sentence: '38%', but '4.4%' below 10% so small regions keep a figure."""
-    if value is None:
-        return "n/a"
-    return f"{100 * value:.1f}%" if abs(value) < 0.095 else f"{100 * value:.0f}%"
-
-
-def ci(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -> str:
-    """'61% [57–65]' from a {"value", "ci_low", "ci_high"} estimate."""
-    if not estimate or estimate.get("value") is None:
-        return "n/a"
-    fmt = (lambda v: f"{100 * v:.{digits}f}") if percent else (lambda v: f"{v:.{digits + 2}f}")
-    text = fmt(estimate["value"]) + ("%" if percent else "")
-    if estimate.get("ci_low") is not None:
-        text += f" [{fmt(estimate['ci_low'])}–{fmt(estimate['ci_high'])}]"
-    return text
-
-
-def nowrap(text: Any) -> Markup:
-    """Text that must not break across lines (a figure with its interval), escaped."""
-    return Markup('<span class="nw">{}</span>').format(text)
-
-
-def ci_html(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -> Markup:
-    """A figure and its interval as two unbreakable pieces: a line may break between them only."""
-    value, _, interval = ci(estimate, digits, percent).partition(" ")
-    return nowrap(value) + (Markup(" ") + nowrap(interval) if interval else Markup(""))
-
-
-def points(estimate: dict[str, Any] | None) -> str:
-    """A difference of shares in percentage points: '-18.1 pts [-19.7 to -16.6]'."""
-    if not estimate or estimate.get("value") is None:
-        return "n/a"
-    text = f"{100 * estimate['value']:+.1f} pts"
-    if estimate.get("ci_low") is not None:
-        text += f" [{100 * estimate['ci_low']:+.1f} to {100 * estimate['ci_high']:+.1f}]"
-    return text
-
-
+# -- formatting: audit.report.fmt (imported above) ------------------------------------------
 def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -290,6 +249,15 @@ def _cell_words(cell: str) -> str:
     return f"{group} {label}" if group and group != "(none)" else label
 
 
+def gate_status(gate: dict[str, Any]) -> str:
+    """'pass', 'fail' or 'not trusted' (a gate measured with a method that failed the
+    randomization test); rows of earlier versions carry no status and read from `passed`."""
+    status = gate.get("status")
+    if status in ("pass", "fail", "not trusted"):
+        return status
+    return "pass" if gate["passed"] else "fail"
+
+
 def _severity(gate: dict[str, Any]) -> float:
     """How far a gate is on the wrong side of its threshold, relative to it (larger = worse)."""
     value, threshold = gate.get("value"), gate["threshold"]
@@ -303,6 +271,12 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
     """One sentence about one gate of one model, with the measured figures."""
     key, value, passed = gate["gate"], gate.get("value"), gate["passed"]
     limit = nowrap(f"{'at least' if gate['op'] == '>=' else 'at most'} {_threshold_text(gate)}")
+    if gate_status(gate) == "not trusted":
+        reason = str(gate.get("note") or "its explanation method failed the randomization test")
+        reason = reason.removeprefix("not trusted: ")
+        return Markup("{} cannot be trusted, so the gate does not pass: {}.").format(
+            gate["label"].capitalize(), reason.rstrip(".")
+        )
     if value is None:
         return Markup("{} could not be measured in this run, so the gate fails ({}).").format(
             gate["label"].capitalize(), limit
@@ -417,6 +391,16 @@ def attention_sentence(name: str, model: dict[str, Any], data: dict[str, Any]) -
     )
 
 
+def looks_sentence(name: str, model: dict[str, Any], data: dict[str, Any]) -> Markup | None:
+    """attention_sentence, with a warning when Grad-CAM failed the randomization test."""
+    looks = attention_sentence(name, model, data)
+    if looks is not None and "gradcam" in sections.untrusted_methods(model):
+        looks += Markup(
+            " ⚠ These maps are not trusted: Grad-CAM fails the randomization test for {}."
+        ).format(name)
+    return looks
+
+
 def data_step(model: dict[str, Any], data: dict[str, Any], cells: list[str]) -> Markup:
     """What to do about the data of the weak cells, from the training split's cell counts."""
     names = ", ".join(_cell_words(c) for c in cells)
@@ -459,7 +443,12 @@ def decisions(
     out = []
     for name, model in metrics["models"].items():
         rows = [g for g in metrics["gates"] if g["model"] == name]
-        failed = sorted((g for g in rows if not g["passed"]), key=_severity, reverse=True)
+        failed = sorted(
+            (g for g in rows if not g["passed"]),
+            key=lambda g: (gate_status(g) == "fail", _severity(g)),
+            reverse=True,
+        )
+        untrusted = [g for g in failed if gate_status(g) == "not trusted"]
         verdict = metrics["verdicts"].get(name, "fail")
         if not rows:
             headline = Markup("No gate is configured, so this audit does not clear {}.").format(
@@ -469,6 +458,17 @@ def decisions(
         elif verdict == "pass" and not failed:
             headline = Markup("{} can ship: it passes all {} gates.").format(name, len(rows))
             ship = True
+        elif untrusted and len(untrusted) == len(failed):
+            headline = Markup(
+                "Do not ship {}: {} of {} gates cannot be trusted (the explanation method they "
+                "are measured with fails the randomization test)."
+            ).format(name, len(untrusted), len(rows))
+            ship = False
+        elif untrusted:
+            headline = Markup(
+                "Do not ship {}: it fails {} of {} gates, and {} more cannot be trusted."
+            ).format(name, len(failed) - len(untrusted), len(rows), len(untrusted))
+            ship = False
         else:
             headline = Markup("Do not ship {}: it fails {} of {} gates.").format(
                 name, len(failed), len(rows)
@@ -542,7 +542,8 @@ def decisions(
                 "verdict": verdict,
                 "headline": headline,
                 "why": why,
-                "looks": attention_sentence(name, model, data),
+                "looks": looks_sentence(name, model, data),
+                "believe": sections.trust_sentence(name, model),
                 "look_first": look,
                 "next": steps,
             }
@@ -584,6 +585,9 @@ def _gallery(
     names = list(metrics["models"])
     methods = list(config["explain"]["methods"])
     overlays = run_dir / "overlays"
+    # Maps of a method that failed the randomization test for a model carry a visible warning.
+    untrusted = {n: sections.untrusted_methods(metrics["models"][n]) for n in names}
+    warning = "⚠ not trusted"
     first = by_model[names[0]]
 
     def image(position: int) -> str | None:
@@ -602,11 +606,16 @@ def _gallery(
                         "uri": _data_uri(overlays / n / m / "pred" / f"{position:05d}.png"),
                         "caption": f"{r['prediction']} {pct(float(r['confidence']))}",
                         "correct": bool(r["correct"]),
+                        "untrusted": warning if m in untrusted[n] else "",
                     }
                 )
         entry = cells.setdefault(cell, {"id": cell_ids.get(cell, ""), "items": []})
         entry["items"].append(item)
-    columns = [f"{n} · {m}" for n in names for m in methods]
+    columns = [
+        f"{n} · {m}" + (f" ({warning})" if m in untrusted[n] else "")
+        for n in names
+        for m in methods
+    ]
 
     misclassified = {}
     mistakes_csv = (run_dir / "mistakes.csv").is_file()
@@ -627,7 +636,8 @@ def _gallery(
                         "tiles": [
                             {
                                 "uri": _data_uri(overlays / n / m / t / f"{position:05d}.png"),
-                                "caption": "",
+                                "caption": warning if m in untrusted[n] else "",
+                                "untrusted": warning if m in untrusted[n] else "",
                             }
                             for m in methods
                             for t in ("pred", "true")
@@ -652,6 +662,14 @@ def _gallery(
         for m in methods
         for t in ("pred", "true")
     ]
+    mistake_warnings = {
+        n: [
+            f"{method_label} ({warning})"
+            for method_label in methods
+            if method_label in untrusted[n]
+        ]
+        for n in names
+    }
 
     flipped = {}
     for n in names:
@@ -681,10 +699,44 @@ def _gallery(
         "columns": columns,
         "misclassified": misclassified,
         "mistake_columns": mistake_columns,
+        "mistake_warnings": mistake_warnings,
+        "untrusted": untrusted,
         "mistakes_file": "mistakes.csv" if mistakes_csv else None,
         "flipped": flipped,
         "methods": methods,
     }
+
+
+def worst_cells_first(models: dict[str, Any], cells: list[str]) -> list[str]:
+    """Class x group cells by their lowest accuracy over the models, worst first; cells too few to
+    judge for every model last."""
+
+    def key(cell: str) -> tuple:
+        entries = [m["performance"]["per_cell"].get(cell) or {} for m in models.values()]
+        judged = [e for e in entries if not e.get("too_few") and e.get("value") is not None]
+        low = min((e["value"] for e in judged), default=None)
+        return (low is None, low if low is not None else 0.0, cell)
+
+    return sorted(cells, key=key)
+
+
+def section_list(trust: bool, mitigations: bool) -> dict[str, dict[str, Any]]:
+    """id -> {"number", "title"} of the report's sections, in order: the trust and mitigation
+    sections appear only when the run has their metrics, and the numbers follow."""
+    titles = [
+        ("summary", "Summary and gates", True),
+        ("mitigations", "Mitigations compared", mitigations),
+        ("data", "Data", True),
+        ("performance", "Performance by group", True),
+        ("trust", "Can these explanations be trusted?", trust),
+        ("attention", "Attention on regions", True),
+        ("counterfactuals", "Counterfactuals", True),
+        ("gallery", "Gallery: the same images under each model", True),
+        ("misclassified", "Misclassified images", True),
+        ("reproducibility", "Reproducibility", True),
+    ]
+    shown = [(key, title) for key, title, present in titles if present]
+    return {key: {"number": i, "title": title} for i, (key, title) in enumerate(shown, start=1)}
 
 
 def build_context(run_dir: Path) -> dict[str, Any]:
@@ -697,6 +749,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     samples = loaded["samples"]
     by_model = {n: samples[samples["model"] == n].reset_index(drop=True) for n in names}
     cells = sorted({c for m in models.values() for c in m["performance"]["per_cell"]})
+    shown_cells = worst_cells_first(models, cells)[:CELLS_SHOWN]
     groups = data["groups"]
     model_colours = charts.model_colours(names)
     group_colours = charts.group_colours(groups)
@@ -717,10 +770,15 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     }
 
     chart_cells = charts.grouped_bars(
-        cells,
-        {n: [models[n]["performance"]["per_cell"].get(c) for c in cells] for n in names},
+        shown_cells,
+        {n: [models[n]["performance"]["per_cell"].get(c) for c in shown_cells] for n in names},
         "accuracy",
-        "Accuracy per class x group cell (95% CI)",
+        "Accuracy per class x group cell (95% CI)"
+        + (
+            f", the {len(shown_cells)} worst of {len(cells)}"
+            if len(shown_cells) < len(cells)
+            else ""
+        ),
         model_colours,
     )
     attention_charts = []
@@ -781,7 +839,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
             ("all", None),
             *((f"group: {g}", ("per_group", g)) for g in groups),
             *((f"class: {c}", ("per_class", c)) for c in data["classes"]),
-            *((f"cell: {c}", ("per_cell", c)) for c in cells),
+            *((f"cell: {c}", ("per_cell", c)) for c in shown_cells),
         ):
             node = (
                 gradcam.get("overall", {})
@@ -826,6 +884,11 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         for comparison in metrics.get("comparisons", [])
     ]
     gates = metrics["gates"]
+    for gate in gates:  # rows of earlier versions carry no status
+        gate.setdefault("status", gate_status(gate))
+    trust = sections.trust_context(metrics, run_dir, _data_uri, _svg_uri, model_colours)
+    mitigations = sections.mitigation_context(metrics, _svg_uri, model_colours)
+    numbered = section_list(trust is not None, mitigations is not None)
     return {
         "title": config.get("title", "Bias audit"),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -855,9 +918,19 @@ def build_context(run_dir: Path) -> dict[str, Any]:
                     0,
                 ),
             }
-            for c in cells
+            for c in shown_cells
         ],
-        "confusions": [{"model": n, **models[n]["performance"]["confusion_matrix"]} for n in names],
+        "cells_more": len(cells) - len(shown_cells),
+        "confusions": [
+            {"model": n, **models[n]["performance"]["confusion_matrix"]}
+            for n in names
+            if models[n]["performance"].get("confusion_matrix")
+        ],
+        "classes": sections.classes_context(metrics),
+        "fairness": sections.fairness_context(metrics, run_dir),
+        "trust": trust,
+        "mitigations": mitigations,
+        "sections": numbered,
         "charts": {
             "cells": _svg_uri(chart_cells),
             "attention": attention_charts,

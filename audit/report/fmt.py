@@ -1,0 +1,70 @@
+"""Formatting of figures for the report: shares, intervals, differences, unbreakable pieces.
+
+Shared by render.py (page one, tables) and sections.py (trust, fairness, classes, mitigations), so
+that a figure reads the same wherever it appears. Every function returns escaped text or Markup.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from markupsafe import Markup
+
+
+def pct(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def share_text(value: float | None) -> str:
+    """A share for a sentence: '38%', but '4.4%' below 10% so small regions keep a figure."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if abs(value) < 0.095 else f"{100 * value:.0f}%"
+
+
+def ci(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -> str:
+    """'61% [57–65]' from a {"value", "ci_low", "ci_high"} estimate."""
+    if not estimate or estimate.get("value") is None:
+        return "n/a"
+    fmt = (lambda v: f"{100 * v:.{digits}f}") if percent else (lambda v: f"{v:.{digits + 2}f}")
+    text = fmt(estimate["value"]) + ("%" if percent else "")
+    if estimate.get("ci_low") is not None:
+        text += f" [{fmt(estimate['ci_low'])}–{fmt(estimate['ci_high'])}]"
+    return text
+
+
+def nowrap(text: Any) -> Markup:
+    """Text that must not break across lines (a figure with its interval), escaped."""
+    return Markup('<span class="nw">{}</span>').format(text)
+
+
+def ci_html(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = True) -> Markup:
+    """A figure and its interval as two unbreakable pieces: a line may break between them only."""
+    value, _, interval = ci(estimate, digits, percent).partition(" ")
+    return nowrap(value) + (Markup(" ") + nowrap(interval) if interval else Markup(""))
+
+
+def points(estimate: dict[str, Any] | None) -> str:
+    """A difference of shares in percentage points: '-18.1 pts [-19.7 to -16.6]'."""
+    if not estimate or estimate.get("value") is None:
+        return "n/a"
+    text = f"{100 * estimate['value']:+.1f} pts"
+    if estimate.get("ci_low") is not None:
+        text += f" [{100 * estimate['ci_low']:+.1f} to {100 * estimate['ci_high']:+.1f}]"
+    return text
+
+
+def signed(estimate: dict[str, Any] | None, digits: int = 2) -> str:
+    """A signed difference on its own scale (AUC, probability): '-0.14 [-0.20 to -0.08]'."""
+    if not estimate or estimate.get("value") is None:
+        return "n/a"
+    text = f"{estimate['value']:+.{digits}f}"
+    if estimate.get("ci_low") is not None:
+        text += f" [{estimate['ci_low']:+.{digits}f} to {estimate['ci_high']:+.{digits}f}]"
+    return text
+
+
+def signed_html(estimate: dict[str, Any] | None, digits: int = 2) -> Markup:
+    """`signed` as two unbreakable pieces (the figure, then its interval)."""
+    value, _, interval = signed(estimate, digits).partition(" ")
+    return nowrap(value) + (Markup(" ") + nowrap(interval) if interval else Markup(""))
