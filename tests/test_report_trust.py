@@ -340,7 +340,9 @@ def test_many_classes_show_the_top_confusions_and_the_worst_cells(tmp_path):
     classes = [f"class{i:02d}" for i in range(30)]
     model = _model(classes, 0.4, 0.1, 0.0, 0.9)
     assert "confusion_matrix" not in model["performance"]  # above 20 classes, as the runner does
-    run = fake_run(tmp_path / "run", {"m": model, "n": _model(classes, 0.6, 0.1, 0.0, 0.9)}, classes)
+    run = fake_run(
+        tmp_path / "run", {"m": model, "n": _model(classes, 0.6, 0.1, 0.0, 0.9)}, classes
+    )
     page = render_html(run)
     text = _text(page)
     assert "Confusion matrix" not in text and "Most confused pairs" in text
@@ -392,9 +394,8 @@ def test_a_cell_too_few_to_judge_is_marked(tmp_path):
 
 
 def _with_mitigation(model: dict, name: str | None, **params) -> dict:
-    if name is None:
-        return model
-    return model | {"mitigation": name, "mitigation_config": {"mitigation": name, **params}}
+    """As the runner writes it: MitigationConfig.resolved() merged into the model's entry."""
+    return model | {"mitigation": name or "none", **params}
 
 
 @pytest.mark.parametrize("some_pass", [True, False])
@@ -407,9 +408,7 @@ def test_mitigations_are_compared_and_the_best_passing_one_named(tmp_path, some_
         "rrr": ("right_reasons", 0.6, 0.1, 0.02, 0.95),
     }
     models = {
-        n: _with_mitigation(_model(CLASSES, w, s, f, a), m, dro_eta=0.1) if m else _model(
-            CLASSES, w, s, f, a
-        )
+        n: _with_mitigation(_model(CLASSES, w, s, f, a), m, **({"dro_eta": 0.1} if m else {}))
         for n, (m, w, s, f, a) in specs.items()
     }
     for m in models.values():
@@ -444,10 +443,9 @@ def test_mitigations_are_compared_and_the_best_passing_one_named(tmp_path, some_
 
 
 def test_no_mitigation_no_trust_shows_neither(tmp_path):
+    plain = _with_mitigation(_model(CLASSES, 0.5, 0.4, 0.3, 0.8), None)  # "none": plain training
     run = fake_run(
-        tmp_path / "run",
-        {"a": _model(CLASSES, 0.5, 0.4, 0.3, 0.8), "b": _model(CLASSES, 0.9, 0.1, 0.0, 0.9)},
-        CLASSES,
+        tmp_path / "run", {"a": plain, "b": _model(CLASSES, 0.9, 0.1, 0.0, 0.9)}, CLASSES
     )
     context = build_context(run)
     assert context["mitigations"] is None and context["trust"] is None
@@ -473,7 +471,9 @@ def test_names_in_the_new_sections_are_escaped(tmp_path):
     evil = "<i>x</i>"
     biased = _model(CLASSES, 0.5, 0.4, 0.3, 0.8) | {"trust": _trust({"gradcam": 0.9})}
     biased = _with_mitigation(biased, "<b>dro</b>")
-    run = fake_run(tmp_path / "run", {evil: biased, "b": _model(CLASSES, 0.9, 0.1, 0, 0.9)}, CLASSES)
+    run = fake_run(
+        tmp_path / "run", {evil: biased, "b": _model(CLASSES, 0.9, 0.1, 0, 0.9)}, CLASSES
+    )
     page = render_html(run)
     assert evil not in page and "<b>dro</b>" not in page
     assert "&lt;i&gt;x&lt;/i&gt;" in page and "&lt;b&gt;dro&lt;/b&gt;" in page
@@ -486,8 +486,15 @@ def test_decisions_of_old_gate_rows_without_status_still_work():
         "data": {"protected_regions": ["hair"], "core_regions": [], "splits": {}},
         "models": {"m": model},
         "gates": [
-            {"model": "m", "gate": "max_flip_rate", "label": "flips", "op": "<=",
-             "threshold": 0.1, "value": 0.3, "passed": False}
+            {
+                "model": "m",
+                "gate": "max_flip_rate",
+                "label": "flips",
+                "op": "<=",
+                "threshold": 0.1,
+                "value": 0.3,
+                "passed": False,
+            }
         ],
         "verdicts": {"m": "fail"},
     }

@@ -18,6 +18,7 @@ is optional: a run without the block gets None or an empty list and the report s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -545,9 +546,21 @@ def classes_context(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- mitigations ----------------------------------------------------------------------------------------
+def _mitigation_keys() -> tuple[str, ...]:
+    """The hyperparameter names of audit.models.mitigations.MitigationConfig (not its `name`)."""
+    try:
+        from audit.models.mitigations import MitigationConfig
+    except ImportError:  # pragma: no cover - part of the package
+        return ()
+    return tuple(f.name for f in dataclasses.fields(MitigationConfig) if f.name != "name")
+
+
 def mitigation_of(model: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    """(mitigation name, its hyperparameters) of a model, from the runner's `mitigation` and
-    `mitigation_config` keys (a name, or a dict with `mitigation` or `name`); (None, {}) if absent."""
+    """(mitigation name, its hyperparameters) of a model; (None, {}) when the run records none.
+
+    The runner writes `MitigationConfig.resolved()` into the model's entry: `mitigation` (a name,
+    "none" for plain training) beside the chosen mitigation's own keys. A `mitigation_config`
+    dict, or `mitigation` given as a dict, are read too."""
     value = model.get("mitigation")
     config = dict(model.get("mitigation_config") or {})
     if isinstance(value, dict):
@@ -555,8 +568,12 @@ def mitigation_of(model: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         value = value.get("mitigation") or value.get("name")
     if value is None:
         value = config.get("mitigation") or config.get("name")
+    if value is None:
+        return None, {}
+    if not config:
+        config = {k: model[k] for k in _mitigation_keys() if k in model}
     params = {k: v for k, v in config.items() if k not in ("mitigation", "name")}
-    return (str(value) if value is not None else None), params
+    return str(value), params
 
 
 def _lookup(node: Any, *path: str) -> Any:
@@ -623,11 +640,11 @@ def mitigation_context(
     metrics: dict[str, Any], svg_uri: Callable[[str], str], model_colours: dict[str, str]
 ) -> dict[str, Any] | None:
     """The mitigations comparison (table, chart, paired differences), or None when no model of the
-    run carries a mitigation."""
+    run was trained with a mitigation other than plain training."""
     models = metrics["models"]
     mitigations = {n: mitigation_of(m) for n, m in models.items()}
-    if all(name is None for name, _ in mitigations.values()):
-        return None
+    if all(name in (None, PLAIN) for name, _ in mitigations.values()):
+        return None  # plain training only: nothing to compare
     names = list(models)
     figures = [
         (label, path, diff)
