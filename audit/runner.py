@@ -66,6 +66,7 @@ from audit.pipeline.trust_stage import TRUST_SEED_OFFSET, run_trust, trust_sampl
 
 METRICS_SCHEMA_VERSION = 2
 SHARD_BATCHES = 16  # batches per shard: the unit of resumption
+TRAIN_CACHE_BYTES = 1 << 30  # a training split up to 1 GiB of frames is decoded once, not per epoch
 
 
 class AuditError(ValueError):
@@ -307,13 +308,18 @@ class Auditor:
                 info["history"] = json.loads(history_file.read_text())
                 self.log(f"{spec.name}: resumed with the model trained before the interruption")
             else:
+                started = time.perf_counter()
                 model.to(self.device)
                 val = None
                 if (
                     self.config.data.val_split
                     and (self.manifest.table["split"] == self.config.data.val_split).any()
                 ):
-                    val = self.dataset(spec, self.manifest.split(self.config.data.val_split))
+                    val = self.dataset(
+                        spec,
+                        self.manifest.split(self.config.data.val_split),
+                        cache_bytes=TRAIN_CACHE_BYTES,
+                    )
                 mitigation = spec.mitigation_config()
                 protected = (
                     self.config.data.protected_regions if mitigation.name in NEEDS_MASKS else None
@@ -321,7 +327,9 @@ class Auditor:
                 with prepared.preprocess.attach(model):
                     history = train_model(
                         model,
-                        self.dataset(spec, train_rows, protected=protected),
+                        self.dataset(
+                            spec, train_rows, protected=protected, cache_bytes=TRAIN_CACHE_BYTES
+                        ),
                         TrainConfig(
                             epochs=spec.epochs,
                             batch_size=spec.batch_size,
@@ -343,6 +351,7 @@ class Auditor:
                     info["dro_group_weights"] = history.group_weights
                 if history.jtt_errors is not None:
                     info["jtt_errors"] = history.jtt_errors
+                self.log(f"{spec.name}: trained in {time.perf_counter() - started:.1f} s")
         model.to(self.device).eval()
         if not resumed:
             save_checkpoint(
@@ -442,6 +451,12 @@ class Auditor:
         )
         return same
 
+    def _lap(self, what: str) -> None:
+        """Log how long a stage took (and restart the clock)."""
+        now = time.perf_counter()
+        self.log(f"{what} in {now - self.timer:.1f} s")
+        self.timer = now
+
     def sample_table(self, spec: ModelConfig, rows: pd.DataFrame) -> pd.DataFrame:
         """samples.csv's rows of one model from its map rows (names instead of indices)."""
         eval_rows = self.eval_rows.reset_index(drop=True)
@@ -481,6 +496,7 @@ class Auditor:
         self, spec: ModelConfig, gallery: np.ndarray
     ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
         model, info = self.obtain_model(spec)
+        self.timer = time.perf_counter()
         with self.prepared[spec.name].preprocess.attach(model):
             return self._audit_model(spec, model, info, gallery)
 
@@ -536,6 +552,7 @@ class Auditor:
             0,
             self.log,
         )
+        self._lap(f"{spec.name}: {len(positions)} gallery images explained with every method")
         explained = np.zeros(len(rows), bool)
         explained[positions] = True
         keep = rows["ok"].to_numpy(bool)
@@ -568,8 +585,14 @@ class Auditor:
                 full[sample] = values
                 added[column] = full[keep]
             extra["occlusion"] = occlusion
-            trusted = {m: v["trusted"] for m, v in block["methods"].items()}
-            self.log(f"{spec.name}: randomization test passed: {trusted}")
+            self._lap(f"{spec.name}: trust checks on {len(sample)} images")
+            for method, entry in block["methods"].items():
+                verdict = "trusted" if entry["trusted"] else "NOT trusted"
+                final = entry["randomization"]["final_spearman"]["value"]
+                self.log(
+                    f"{spec.name}: {method} {verdict} (rank correlation after randomizing "
+                    f"every layer: {final:.2f})"
+                )
         table = pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
         return table, info, extra
 

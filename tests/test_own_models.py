@@ -223,7 +223,7 @@ def test_timm_vision_transformer_with_timms_own_preprocessing(
     safetensors = pytest.importorskip("safetensors.torch")
     from timm.data import create_transform, resolve_data_config
 
-    kwargs = {"img_size": 32, "patch_size": 8}
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2}
     torch.manual_seed(1)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=2, **kwargs).eval()
     safetensors.save_file(model.state_dict(), str(tmp_path / "vit.safetensors"))

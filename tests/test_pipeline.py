@@ -285,3 +285,24 @@ def test_bf16_is_used_only_where_it_keeps_the_predictions(reference, small_datas
     assert (mixed["prediction"] == exact["prediction"]).mean() > 0.95
     if "float32 kept" in line:
         same_results(tmp_path / "run", reference)
+
+
+def test_the_training_cache_returns_exactly_what_decoding_gives(small_dataset):
+    manifest = read_manifest(small_dataset)
+    rows = manifest.split("test").head(6)
+    kwargs = {"regions": ["hair", "face"], "twins": ["twin"], "protected": ["hair", "face"]}
+    cached = FrameDataset(
+        manifest, rows, ["doctor", "nurse"], squash(32), cache_bytes=1 << 20, **kwargs
+    )
+    plain = FrameDataset(manifest, rows, ["doctor", "nurse"], squash(32), **kwargs)
+    assert cached.cache is not None and plain.cache is None
+    for _ in range(2):  # the second pass reads the cache
+        for i in range(6):
+            a, b = cached[i], plain[i]
+            assert a.keys() == b.keys()
+            for key, value in b.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(a[key], value), key
+    assert len(cached.cache) == 6
+    too_small = FrameDataset(manifest, rows, ["doctor", "nurse"], squash(32), cache_bytes=100)
+    assert too_small.cache is None  # a split larger than the budget is streamed

@@ -18,6 +18,7 @@ SECTIONS = [
     "Summary and gates",
     "Data",
     "Performance by group",
+    "Can these explanations be trusted?",
     "Attention on regions",
     "Counterfactuals",
     "Gallery",

@@ -113,9 +113,10 @@ def test_pdf_pages_gates_intervals_and_chart_text(small_run, tmp_path):
         rows[gate["model"]] = rows.get(gate["model"], 0) + 1
     seen = {name: 0 for name in rows}
     for page in pages:
-        badges = page.count("✓ PASS") + page.count("✗ FAIL")
         headlines = len(re.findall(r"Do not ship|can ship:|No gate is configured", page))
         here = [name for name in rows if re.search(rf"^\s*{re.escape(name)}: check", page, re.M)]
+        badges = page.count("✓ PASS") + page.count("✗ FAIL")
+        badges += page.count("⚠ NOT TRUSTED") if here else 0  # a gate of an untrusted method
         for name in here:
             seen[name] += 1
         assert badges - headlines == sum(rows[name] for name in here)
@@ -179,3 +180,39 @@ def test_report_no_pdf_removes_only_its_own_stale_pdf(small_run, tmp_path):
     result = invoke()
     assert result.exit_code == 0 and pdf.read_bytes().startswith(b"%PDF-1.4 the user's own")
     assert "did not write it" in result.output
+
+
+def test_trust_fairness_and_cells_of_a_small_run(small_run):
+    """The trust section of a run with `[trust]` on: before the attention section, one table row
+    per model x method with the verdict the metrics give, the cascade strips embedded, the curves,
+    the occlusion effects; page one says which methods to believe; the worst cells link to
+    per_cell.csv."""
+    import json
+
+    from audit.report.sections import method_name
+
+    html = (small_run / "report.html").read_text()
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    trust = html.split('id="trust"', 1)[1].split('id="attention"', 1)[0]
+    assert html.index('id="trust"') < html.index('id="attention"')
+    table = trust.split('class="trust stack"', 1)[1].split("</table>", 1)[0]
+    for name, model in metrics["models"].items():
+        for method, entry in model["trust"]["methods"].items():
+            row = table.split(f"{name} · {method_name(method)}</td>", 1)[1].split("</tr>", 1)[0]
+            final = entry["randomization"]["final_spearman"]["value"]
+            assert f"{final:.2f}" in row
+            assert ("✓ TRUSTED" if entry["trusted"] else "⚠ NOT TRUSTED") in row
+        # Page one: one sentence per model on which methods to believe.
+        assert f"For {name}, " in html.split('id="data"', 1)[0]
+    first = next(iter(metrics["models"]))
+    strips = trust.split("The randomization cascade", 1)[1]
+    assert strips.count('<figure class="strip') >= len(metrics["models"][first]["trust"]["methods"])
+    assert strips.count('src="data:image/jpeg;base64,') >= 1
+    layers = metrics["models"][first]["trust"]["methods"]["gradcam"]["randomization"]["steps"]
+    assert all(step["layer"] in strips for step in layers)  # the caption names each step
+    assert trust.count("deletion and insertion curves of") == len(metrics["models"])
+    assert "Occlusion: does the model use the region?" in trust
+    assert "Occlusion effect: differences against" in trust
+    # Fairness: the worst cells across attributes and intersections, with the CSV linked.
+    assert (small_run / "per_cell.csv").is_file() and '<a href="per_cell.csv">' in html
+    assert "worst cells of" in html and "Grad-CAM share on" in html

@@ -343,6 +343,14 @@ def test_many_classes_show_the_top_confusions_and_the_worst_cells(tmp_path):
     run = fake_run(
         tmp_path / "run", {"m": model, "n": _model(classes, 0.6, 0.1, 0.0, 0.9)}, classes
     )
+    metrics = json.loads((run / "metrics.json").read_text())
+    counts = {f"{c} / {g}": 10 + i for i, c in enumerate(classes) for g in ("female", "male")}
+    shares = {c: {"female": 0.5 + i / 100, "male": 0.5 - i / 100} for i, c in enumerate(classes)}
+    metrics["data"]["splits"] = {
+        "train": {"cells": counts, "group_share_per_class": shares},
+        "test": {"cells": counts, "group_share_per_class": shares},
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
     page = render_html(run)
     text = _text(page)
     assert "Confusion matrix" not in text and "Most confused pairs" in text
@@ -357,6 +365,13 @@ def test_many_classes_show_the_top_confusions_and_the_worst_cells(tmp_path):
     assert len(shown) == 12 and shown[0] == "class00 / female"
     assert context["cells_more"] == 60 - 12
     assert "the 12 worst shown, 48 more" in text
+    # The data: 60 cells per split are summed per group (by hand: sum of 10 + i over 30 classes).
+    assert context["all_cells"] == ["female", "male"]
+    assert context["split_cells"]["train"] == {"female": 300 + 435, "male": 300 + 435}
+    assert "Images per group, summed over the 30 classes" in text
+    assert "and 10 more" in text  # the class list is cut at 20
+    # The bias chart keeps the models' training split and its most unequal classes.
+    assert context["bias_trimmed"] and "most unequal" in text
     # The classes, worst first, capped.
     worst = context["classes"]["models"][0]["worst_classes"]
     assert [w["cls"] for w in worst] == model["performance"]["classes_worst_first"][:10]
@@ -434,7 +449,7 @@ def test_mitigations_are_compared_and_the_best_passing_one_named(tmp_path, some_
     text = _text(page)
     assert summary in text  # on page one and in the section
     assert text.index(summary) < text.index("Mitigations compared")  # page one first
-    table = page.split('class="compact mitigations"', 1)[1].split("</table>", 1)[0]
+    table = page.split('class="dense mitigations"', 1)[1].split("</table>", 1)[0]
     assert table.count("<tr>") == 1 + len(models)  # header + one row per model
     assert "group_dro" in table and "dro_eta = 0.1" in table
     diffs = context["mitigations"]["differences"]

@@ -720,6 +720,46 @@ def worst_cells_first(models: dict[str, Any], cells: list[str]) -> list[str]:
     return sorted(cells, key=key)
 
 
+BIAS_ROWS = (
+    16  # bars of the split-bias chart; more classes: the most unequal of the training splits
+)
+
+
+def split_tables(data: dict[str, Any]) -> tuple[dict[str, dict[str, int]], list[str], bool]:
+    """(split -> column -> count, columns, summed by group): the class x group cells of each
+    split, or with more cells than CELLS_SHOWN the counts per group summed over the classes."""
+    splits = {s: v.get("cells", {}) for s, v in data["splits"].items()}
+    cells = sorted({c for v in splits.values() for c in v})
+    if len(cells) <= CELLS_SHOWN:
+        return splits, cells, False
+    by_group: dict[str, dict[str, int]] = {}
+    for split, counts in splits.items():
+        row = by_group.setdefault(split, {})
+        for cell, n in counts.items():
+            group = cell.partition(" / ")[2] or "(none)"
+            row[group] = row.get(group, 0) + n
+    return by_group, sorted({g for v in by_group.values() for g in v}), True
+
+
+def bias_rows(
+    data: dict[str, Any], models: dict[str, Any]
+) -> tuple[dict[str, dict[str, dict[str, float]]], bool]:
+    """The group shares per split and class for the bias chart; with more than BIAS_ROWS bars,
+    only the models' training splits and in each the classes whose groups are most unequal."""
+    splits = {s: v.get("group_share_per_class", {}) for s, v in data["splits"].items()}
+    if sum(len(v) for v in splits.values()) <= BIAS_ROWS:
+        return splits, False
+    used = [s for s in dict.fromkeys(m.get("train_split") for m in models.values()) if s in splits]
+    used = used or list(splits)[:1]
+    per_split = max(1, BIAS_ROWS // len(used))
+    out = {}
+    for split in used:
+        classes = splits[split]
+        ranked = sorted(classes, key=lambda c: -max(classes[c].values(), default=0.0))
+        out[split] = {c: classes[c] for c in ranked[:per_split]}
+    return out, True
+
+
 def section_list(trust: bool, mitigations: bool) -> dict[str, dict[str, Any]]:
     """id -> {"number", "title"} of the report's sections, in order: the trust and mitigation
     sections appear only when the run has their metrics, and the numbers follow."""
@@ -830,7 +870,8 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "Counterfactual flip rate by group (95% CI)",
         model_colours,
     )
-    train_splits = {s: v["group_share_per_class"] for s, v in data["splits"].items()}
+    train_splits, bias_trimmed = bias_rows(data, models)
+    split_cells, all_cells, cells_by_group = split_tables(data)
     attention_tables = []
     for n in names:
         gradcam = models[n]["attention"].get("gradcam", {})
@@ -902,8 +943,10 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "gates_by_model": {n: [g for g in gates if g["model"] == n] for n in names},
         "gate_legend": gate_legend(gates),
         "data": data,
-        "split_cells": {s: v["cells"] for s, v in data["splits"].items()},
-        "all_cells": sorted({c for v in data["splits"].values() for c in v["cells"]}),
+        "split_cells": split_cells,
+        "all_cells": all_cells,
+        "cells_by_group": cells_by_group,
+        "bias_trimmed": bias_trimmed,
         "perf_rows": _perf_rows(metrics),
         "per_cell_rows": [
             {
