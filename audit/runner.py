@@ -511,6 +511,7 @@ class Auditor:
             if isinstance(error, ImageDecodeError) or not str(error).startswith("layer "):
                 raise
             raise AuditError(f"model {spec.name!r}: {error}") from None
+        self._lap(f"{spec.name}: map of {len(rows)} images")
         table = self.sample_table(spec, rows)
         info["bad_images"] = int((~rows["ok"].to_numpy(bool)).sum())
         if info["bad_images"]:
@@ -634,9 +635,10 @@ class Auditor:
             cells.append(cell_rows(metrics["fairness"]).assign(model=name))
             models[name] = infos[name] | metrics
             perf = metrics["performance"]
+            worst = perf["worst_group_accuracy"]["value"]  # None: every cell is too few to judge
             self.log(
                 f"{name}: accuracy {perf['accuracy']['value']:.3f}, "
-                f"worst group {perf['worst_group_accuracy']['value']:.3f}"
+                f"worst group {'n/a (cells too small)' if worst is None else f'{worst:.3f}'}"
             )
         per_cell = pd.concat(cells, ignore_index=True)
         per_cell[["model", *per_cell.columns[:-1]]].to_csv(

@@ -314,7 +314,7 @@ def test_a_not_trusted_gate_shows_not_trusted_and_why(tmp_path):
         ("fair", "Grad-CAM", True),
         ("fair", "Guided Grad-CAM", False),
     ]
-    assert "0.93 [0.88–0.98]" in _text(rows[0]["rho"])
+    assert _text(rows[0]["rho"]) == "0.93 [0.88 to 0.98]"
     assert "does not clearly beat a random order" in rows[3]["short"]
     # The section comes before the attention section, and the TOC follows the numbering.
     assert page.index('id="trust"') < page.index('id="attention"')
@@ -480,6 +480,16 @@ def test_trust_sentence_and_untrusted_methods_by_hand():
         "cannot: its maps barely change when the weights are randomized (rank correlation 0.70)."
     )
     assert sections.trust_sentence("m", {}) is None
+    # Constant maps after randomization: no correlation, not trusted, said so (no crash).
+    flat = {"trust": _trust({"gradcam": 0.9})}
+    flat["trust"]["methods"]["gradcam"]["randomization"]["final_spearman"] = _e(None)
+    flat["trust"]["methods"]["gradcam"]["randomization"]["passed"] = None
+    flat["trust"]["methods"]["gradcam"]["trusted"] = False
+    assert _text(sections.trust_sentence("f", flat)) == (
+        "For f, Grad-CAM cannot: the randomization test could not be made."
+    )
+    entry = flat["trust"]["methods"]["gradcam"]
+    assert sections.short_reason(entry).startswith("maps constant after randomization")
 
 
 def test_names_in_the_new_sections_are_escaped(tmp_path):
@@ -515,3 +525,23 @@ def test_decisions_of_old_gate_rows_without_status_still_work():
     }
     d = decisions(metrics, {"m": {}}, {"m": {}})[0]
     assert _text(d["headline"]) == "Do not ship m: it fails 1 of 1 gates."
+
+
+def test_the_occlusion_gate_is_told_in_words():
+    from audit.report.render import gate_sentence
+
+    gate = {
+        "gate": "max_protected_occlusion_effect",
+        "label": "drop in confidence when the protected regions are hidden, beyond a control",
+        "op": "<=",
+        "threshold": 0.1,
+        "value": 0.234,
+        "passed": False,
+        "status": "fail",
+    }
+    data = {"protected_regions": ["hair", "face"], "core_regions": []}
+    assert _text(gate_sentence(gate, {}, data)) == (
+        "its decision uses the protected attribute's pixels: hiding hair + face (filled with the "
+        "image's mean colour) lowers its confidence by 23.4 points more than hiding a patch of "
+        "the same shape elsewhere (limit: at most 10%)."
+    )

@@ -68,3 +68,9 @@ def signed_html(estimate: dict[str, Any] | None, digits: int = 2) -> Markup:
     """`signed` as two unbreakable pieces (the figure, then its interval)."""
     value, _, interval = signed(estimate, digits).partition(" ")
     return nowrap(value) + (Markup(" ") + nowrap(interval) if interval else Markup(""))
+
+
+def points_html(estimate: dict[str, Any] | None) -> Markup:
+    """`points` as two unbreakable pieces (the difference, then its interval)."""
+    value, _, interval = points(estimate).partition(" [")
+    return nowrap(value) + (Markup(" ") + nowrap("[" + interval) if interval else Markup(""))

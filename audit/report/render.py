@@ -26,7 +26,7 @@ from markupsafe import Markup
 from PIL import Image
 
 from audit.report import charts, sections
-from audit.report.fmt import ci_html, nowrap, pct, points, share_text
+from audit.report.fmt import ci_html, nowrap, pct, points_html, share_text
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 MAX_FLIPPED_SHOWN = 24  # counterfactual pairs the runner draws per model
@@ -86,7 +86,7 @@ def environment() -> Environment:
     env.filters["pct"] = pct
     env.filters["ci"] = ci_html
     env.filters["nw"] = nowrap
-    env.filters["points"] = lambda e: nowrap(points(e))
+    env.filters["points"] = points_html
     return env
 
 
@@ -350,6 +350,17 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
         )
         return Markup("the share of its Grad-CAM on {} differs{} by {} (limit: {}).").format(
             _region_words("protected", data), between, nowrap(f"{100 * value:.1f} points"), limit
+        )
+    if key == "max_protected_occlusion_effect":
+        lead = "its decision uses the protected attribute's pixels: " if not passed else ""
+        return Markup(
+            "{}hiding {} (filled with the image's mean colour) lowers its confidence by {} more "
+            "than hiding a patch of the same shape elsewhere (limit: {})."
+        ).format(
+            lead,
+            _region_words("protected", data),
+            nowrap(f"{100 * value:.1f} points"),
+            limit,
         )
     return Markup("{} is {} (limit: {}).").format(
         gate["label"].capitalize(), nowrap(share_text(value)), limit
@@ -899,7 +910,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
             "a": c["a"],
             "b": c["b"],
             "rows": [
-                {"label": label, "value": points(c.get(key))}
+                {"label": label, "value": points_html(c.get(key))}
                 for label, key in (
                     ("Accuracy", "accuracy_difference"),
                     ("Worst-group accuracy", "worst_group_accuracy_difference"),
@@ -917,7 +928,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
             "rows": [
                 {
                     "region": _region_label(r, data),
-                    "value": points(comparison["attention_share_difference"].get(r)),
+                    "value": points_html(comparison["attention_share_difference"].get(r)),
                 }
                 for r in regions
             ],

@@ -27,7 +27,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from audit.report import charts
-from audit.report.fmt import ci_html, nowrap, pct, points, signed_html
+from audit.report.fmt import ci_html, nowrap, pct, points_html, signed_html
 
 WORST_CELLS_SHOWN = 8  # worst class x group cells per model across attributes and intersections
 WORST_CLASSES_SHOWN = 10  # classes per model, worst first, when there are more than two
@@ -172,6 +172,16 @@ def trust_sentence(name: str, model: dict[str, Any]) -> Markup | None:
     return Markup("For {}, {}.").format(name, Markup("; ").join(parts))
 
 
+def _rho_html(estimate: dict[str, Any] | None) -> Markup:
+    """A correlation with its interval, '0.39 [0.36 to 0.42]' (signs kept readable)."""
+    if not estimate or estimate.get("value") is None:
+        return Markup("n/a")
+    text = nowrap(f"{estimate['value']:.2f}")
+    if estimate.get("ci_low") is not None:
+        text += Markup(" ") + nowrap(f"[{estimate['ci_low']:.2f} to {estimate['ci_high']:.2f}]")
+    return text
+
+
 def _auc_cell(faith: dict[str, Any], curve: str) -> Markup:
     own = (faith.get(f"{curve}_auc") or {}).get("value")
     rnd = (faith.get(f"random_{curve}_auc") or {}).get("value")
@@ -237,7 +247,7 @@ def trust_context(
                 {
                     "model": name,
                     "method": method_name(method),
-                    "rho": ci_html(test.get("final_spearman"), 0, percent=False),
+                    "rho": _rho_html(test.get("final_spearman")),
                     "threshold": test.get("threshold"),
                     "deletion": _auc_cell(faith, "deletion"),
                     "insertion": _auc_cell(faith, "insertion"),
@@ -352,8 +362,8 @@ def occlusion_context(
             {
                 "region": region_label(region, data),
                 "fill": fill,
-                "effect": nowrap(points(values.get("effect_difference"))),
-                "flips": nowrap(points(values.get("flip_rate_difference"))),
+                "effect": points_html(values.get("effect_difference")),
+                "flips": points_html(values.get("flip_rate_difference")),
             }
             for region in regions
             for fill, values in (paired.get(region) or {}).items()
@@ -364,10 +374,6 @@ def occlusion_context(
 
 
 # -- fairness per attribute and intersection ---------------------------------------------------------
-def _cell_text(attribute: str, cell: str) -> str:
-    return cell if attribute in ("group",) else f"{cell} ({attribute})"
-
-
 def worst_intersections(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """Per model, the worst judged cell of its intersections (else of any attribute), as words."""
     out = []
@@ -446,7 +452,7 @@ def worst_cells(model: dict[str, Any], k: int = WORST_CELLS_SHOWN) -> dict[str, 
     }
 
 
-def attention_by_group(model: dict[str, Any], data: dict[str, Any]) -> list[dict[str, Any]]:
+def attention_by_group(model: dict[str, Any]) -> list[dict[str, Any]]:
     """Per attribute: the Grad-CAM share on the protected union per group, and the gap."""
     rows = []
     for attribute, block in (model.get("fairness") or {}).items():
@@ -467,7 +473,7 @@ def attention_by_group(model: dict[str, Any], data: dict[str, Any]) -> list[dict
                     }
                     for g, e in groups.items()
                 ],
-                "gap": nowrap(points(gap) if gap.get("value") is not None else "n/a"),
+                "gap": points_html(gap),
                 "between": (
                     f"{gap['high']} − {gap['low']}" if gap.get("high") and gap.get("low") else ""
                 ),
@@ -478,7 +484,7 @@ def attention_by_group(model: dict[str, Any], data: dict[str, Any]) -> list[dict
 
 def fairness_context(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     """The fairness part of the performance section, or None for a run without fairness blocks."""
-    models, data = metrics["models"], metrics["data"]
+    models = metrics["models"]
     if not any(m.get("fairness") for m in models.values()):
         return None
     attributes = sorted({a for m in models.values() for a in (m.get("fairness") or {})})
@@ -486,7 +492,7 @@ def fairness_context(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any] |
         "attributes": attributes,
         "worst": worst_intersections(metrics),
         "cells": {n: worst_cells(m) for n, m in models.items() if m.get("fairness")},
-        "attention": {n: attention_by_group(m, data) for n, m in models.items()},
+        "attention": {n: attention_by_group(m) for n, m in models.items()},
         "per_cell_file": "per_cell.csv" if (Path(run_dir) / "per_cell.csv").is_file() else None,
         "k": WORST_CELLS_SHOWN,
     }
@@ -672,7 +678,7 @@ def mitigation_context(
         values = []
         for _, _, diff in figures:
             path = (diff,) if isinstance(diff, str) else diff
-            values.append(nowrap(points(_lookup(comparison, *path))))
+            values.append(points_html(_lookup(comparison, *path)))
         differences.append({"model": comparison["b"], "values": values})
     charted = [f for f in figures if f[0] in CHARTED]
     chart = svg_uri(
