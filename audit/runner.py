@@ -590,9 +590,10 @@ class Auditor:
             for method, entry in block["methods"].items():
                 verdict = "trusted" if entry["trusted"] else "NOT trusted"
                 final = entry["randomization"]["final_spearman"]["value"]
+                shown = "n/a" if final is None else f"{final:.2f}"
                 self.log(
                     f"{spec.name}: {method} {verdict} (rank correlation after randomizing "
-                    f"every layer: {final:.2f})"
+                    f"every layer: {shown})"
                 )
         table = pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
         return table, info, extra

@@ -94,6 +94,10 @@ def run_family(family: str, arch: str, epochs: int, lr: float, args: argparse.Na
     for split in ("biased", "balanced"):
         text += MODEL.format(family=family, split=split, arch=arch, epochs=epochs, lr=lr)
     config.write_text(text)
+    if args.reuse and (out / family / "metrics.json").is_file():  # finished earlier: read it
+        seconds = json.loads((out / family / "run.json").read_text()).get("duration_s", 0.0)
+        metrics = json.loads((out / family / "metrics.json").read_text())
+        return {"seconds": seconds, "metrics": metrics, "epochs": epochs, "arch": arch}
     command = [AUDIT, "run", str(config), "--out", str(out / family), "--no-report", "--quiet"]
     command += ["--force"] if (out / family).exists() else []
     print("$", " ".join(command), flush=True)
@@ -146,6 +150,9 @@ def main() -> None:
     parser.add_argument("--epochs-hf", type=int, default=10)
     parser.add_argument("--lr-hf", type=float, default=1e-3)
     parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument(
+        "--reuse", action="store_true", help="read families whose run folder is finished"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -238,7 +238,8 @@ def evaluate_gates(
                     skipped = (block or {}).get("skipped") or {}
                     if (skipped.get("cells") or skipped.get("groups")) and "note" not in row:
                         row["note"] = (
-                            f"{skipped.get('groups', 0)} groups and {skipped.get('cells', 0)} "
+                            f"{len(skipped.get('groups') or [])} groups and "
+                            f"{skipped.get('cells', 0)} "
                             f"cells with fewer than {block.get('min_cell_size')} images were "
                             "too few to judge and skipped"
                         )
@@ -254,9 +255,10 @@ def _untrusted(model_metrics: dict[str, Any], method: str | None) -> str | None:
     if not checked or checked.get("trusted", True):
         return None
     final = checked["randomization"].get("final_spearman", {}).get("value")
+    shown = "undefined" if final is None else f"{final:.2f}"
     return (
         f"not trusted: {method} maps barely change when the model's weights are randomized "
-        f"(rank correlation {final:.2f} after the full cascade), so they do not show this model"
+        f"(rank correlation {shown} after the full cascade), so they do not show this model"
     )
 
 
