@@ -12,6 +12,11 @@ Run (CPU, shared machine: nice, few epochs; the data set is generated when missi
 
     nice .venv/bin/python benchmarks/bench_own_models.py --data /tmp/h9/dn --out /tmp/h9/bench
 
+Measured 2026-11-26 (2 shared CPU cores, `--families timm,hf --epochs-timm 4 --epochs-hf 6`):
+resnet10t learned only the shortcut on train_biased (worst cell 1.0%, flip rate 86%) and nothing
+on train_balanced; the tiny ViT stayed near chance on both (accuracy 49-50%). These budgets are too
+small for these models to learn the job cue: raise the epochs before reading the attention rows.
+
 Each family is one `audit run` of its own (config written to OUT/<family>.toml, run folder
 OUT/<family>), so a family that finished is kept if a later one is stopped.
 """

@@ -4,6 +4,7 @@ right-reasons penalty on a linear softmax model, the Grad-CAM penalty and the co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -185,12 +186,22 @@ def test_check_rejects_bad_values_with_one_line_naming_the_key() -> None:
 
 
 def test_resolved_lists_only_the_chosen_mitigations_keys() -> None:
-    assert MitigationConfig("jtt").resolved() == {
+    assert MitigationConfig("jtt", jtt_epochs=3, jtt_upweight=4.0).resolved() == {
         "mitigation": "jtt",
-        "jtt_epochs": 1,
-        "jtt_upweight": 50.0,
+        "jtt_epochs": 3,
+        "jtt_upweight": 4.0,
     }
     assert MitigationConfig().resolved() == {"mitigation": "none"}
+
+
+def test_the_audit_configs_defaults_are_the_mitigation_defaults() -> None:
+    """ModelConfig repeats MitigationConfig's tuned defaults; the two must not drift apart."""
+    from audit.config import ModelConfig
+
+    names = [f.name for f in dataclasses.fields(MitigationConfig) if f.name != "name"]
+    model = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in names}
+    defaults = MitigationConfig()
+    assert model == {key: getattr(defaults, key) or "" for key in names}
 
 
 def test_train_model_refuses_a_split_without_groups_or_masks() -> None:

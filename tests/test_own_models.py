@@ -295,7 +295,7 @@ def test_hf_folder_with_labels_in_another_order(manifest: Path, tmp_path: Path) 
 
 
 def test_python_factory_from_the_configs_folder(manifest: Path, tmp_path: Path) -> None:
-    module = "h9_team_models_ok"
+    module = "ownmodels_team_models_ok"
     (tmp_path / f"{module}.py").write_text(TEAM_MODULE)
     namespace: dict[str, Any] = {}
     exec(compile(TEAM_MODULE, "team", "exec"), namespace)  # the same code, outside the audit
@@ -358,14 +358,14 @@ def _hf_other_labels(tmp: Path, resnet18: str) -> dict[str, Any]:
 
 
 def _python_import_error(tmp: Path, resnet18: str) -> dict[str, Any]:
-    (tmp / "h9_team_broken.py").write_text("import h9_no_such_package\n")
-    return {"arch": "python:h9_team_broken:build", "checkpoint": resnet18}
+    (tmp / "ownmodels_team_broken.py").write_text("import ownmodels_no_such_package\n")
+    return {"arch": "python:ownmodels_team_broken:build", "checkpoint": resnet18}
 
 
 def _python_call_error(tmp: Path, resnet18: str) -> dict[str, Any]:
-    (tmp / "h9_team_models_call.py").write_text(TEAM_MODULE)
+    (tmp / "ownmodels_team_models_call.py").write_text(TEAM_MODULE)
     return {
-        "arch": "python:h9_team_models_call:build",
+        "arch": "python:ownmodels_team_models_call:build",
         "checkpoint": resnet18,
         "kwargs": {"depth": 3},
     }
@@ -397,8 +397,11 @@ BAD: dict[str, tuple[Callable[[Path, str], dict[str, Any]], list[str]]] = {
     "unknown timm name": (_unknown_timm, ["vit_tiny_patch16_22", "close names", "_224"]),
     "hf folder missing files": (_hf_missing_files, ["hf:vit", "preprocessor_config.json"]),
     "hf labels not the manifest's": (_hf_other_labels, ["hf:vit", "nurse", "surgeon"]),
-    "python import error": (_python_import_error, ["h9_team_broken", "h9_no_such_package"]),
-    "python call error": (_python_call_error, ["h9_team_models_call.build", "depth"]),
+    "python import error": (
+        _python_import_error,
+        ["ownmodels_team_broken", "ownmodels_no_such_package"],
+    ),
+    "python call error": (_python_call_error, ["ownmodels_team_models_call.build", "depth"]),
     "mean of the wrong length": (_mean_length, ["'m'", "preprocess.mean", "3 input channels"]),
     "crop larger than resize": (_crop_larger, ["'m'", "preprocess.crop", "larger"]),
     "state dict of the wrong shape": (_state_dict_shape, ["model.pt", "conv1.weight"]),
@@ -417,7 +420,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
     try:
         result = audit_run(config, runs / "run")
     finally:
-        for name in [m for m in sys.modules if m.startswith("h9_team")]:
+        for name in [m for m in sys.modules if m.startswith("ownmodels_team")]:
             sys.modules.pop(name)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, (result.output, result.exception)
