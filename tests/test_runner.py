@@ -201,12 +201,14 @@ def test_check_exit_codes(small_run, tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     result = invoke("check", run)
     assert result.exit_code == 0, result.output
-    assert result.output.count("PASS") == 4
+    # Worst group applies per attribute and to their intersection: sex, age, sex x age.
+    assert result.output.count("PASS") == 2 * (3 + 1)
     config["gates"] = {"min_worst_group_accuracy": 1.01}
     (run / "config.json").write_text(json.dumps(config))
     result = invoke("check", run)
     assert result.exit_code == 1
-    assert result.output.count("FAIL a: worst-group accuracy") == 1
+    for attribute in ("sex", "age", "sex x age"):
+        assert result.output.count(f"FAIL a: worst-group accuracy ({attribute})") == 1
     result = invoke("check", tmp_path / "nowhere")
     assert result.exit_code == 2 and "is not a finished audit run" in result.output
 

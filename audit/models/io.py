@@ -10,6 +10,7 @@ import hashlib
 import io
 import pickle
 import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,9 @@ def load_model(
         payload: Any = _load_safetensors(path)
     elif _is_torchscript(path):
         try:
-            return torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():  # torch's deprecation notice is not the user's business
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(path), map_location="cpu").eval()
         except RuntimeError as error:
             raise CheckpointError(
                 f"{path}: not a loadable TorchScript file: {str(error).splitlines()[0]}"

@@ -63,8 +63,9 @@ class MitigationConfig:
     - attention_penalty: lambda 0.1 (val worst cell 1.00; the one value tried, from the range
       0.05-0.5). Its test hair+face Grad-CAM share falls to 0.02 (area 0.10): the penalty
       optimises the very map the audit reads, so that share is no independent evidence.
-    - right_reasons: rrr_lambda 10 is not tuned yet (its 20-epoch run had not finished by the
-      benchmark's deadline); Ross et al.'s code uses 1000, which stalled training here.
+    - right_reasons: rrr_lambda 10, the only value measured, does NOT work: after 20 epochs the
+      model is the shortcut model (val worst cell 0.02, test nurse/male 0.025, hair+face share
+      0.25) although the penalty is only ~0.04 of its loss. Untuned; Ross et al.'s code uses 1000.
     """
 
     name: str = "none"
