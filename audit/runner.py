@@ -793,7 +793,7 @@ def run_audit(
             if options.render:
                 from audit.report.render import render_report
 
-                render_report(work, echo=log)
+                render_report(work, echo=lambda m: log(m.replace(str(work), str(out))))
             run_info["duration_s"] = round(time.time() - started, 2)
             (work / "run.log").write_text("\n".join(log.lines) + "\n")
             run_info["files"] = sorted({*list_files(work), "run.json"} - {"resume.json"})
