@@ -32,6 +32,7 @@ from audit import __version__
 from audit.config import AuditConfig, ModelConfig
 from audit.data.manifest import Manifest, read_manifest
 from audit.data.preprocess import Preprocess
+from audit.explain.layers import resolve_layer
 from audit.metrics.aggregate import groups_of
 from audit.metrics.bootstrap import resample_weights
 from audit.metrics.gates import evaluate_gates, verdicts
@@ -451,6 +452,12 @@ class Auditor:
         )
         return same
 
+    def found_layer(self, spec: ModelConfig, model: nn.Module) -> str:
+        """The layer the engine explains when none is configured (recorded in metrics.json)."""
+        height, width = self.prepared[spec.name].preprocess.frame
+        probe = torch.zeros(1, 3, height, width, device=self.device)
+        return resolve_layer(model, None, probe)[0]
+
     def _lap(self, what: str) -> None:
         """Log how long a stage took (and restart the clock)."""
         now = time.perf_counter()
@@ -560,7 +567,7 @@ class Auditor:
         table["explained"] = explained[keep]
         order = sorted(columns, key=lambda k: (k.split(":")[1], k.split(":")[2], k.split(":")[0]))
         added = {key: columns[key][keep] for key in order}
-        info["layer"] = layer
+        info["layer"] = layer or self.found_layer(spec, model)
         info["mistakes_shown"] = mistakes
         extra: dict[str, Any] = {}
         if self.config.trust.enabled:
