@@ -111,7 +111,9 @@ def ray_map(
     cpus = ray.cluster_resources().get("CPU", 1)
     gpus = ray.cluster_resources().get("GPU", 0)
     slots = int(gpus) if gpus >= 1 else max(1, min(workers, int(cpus)))
-    threads = max(1, int(cpus) // slots) if gpus < 1 else 1
+    # Each actor computes with the driver's thread count: float reductions then run the same way
+    # as in a local run, so the rows are the same (fewer threads change the last bits).
+    threads = torch.get_num_threads()
     model_ref = ray.put(copy.deepcopy(model).cpu())
     items = ray.data.from_items([{"start": s, "end": e} for s, e in shards])
     mapped = items.map_batches(
@@ -124,7 +126,7 @@ def ray_map(
         },
         batch_size=1,
         concurrency=slots,
-        num_cpus=0 if gpus >= 1 else threads,
+        num_cpus=0 if gpus >= 1 else max(1, int(cpus) // slots),
         num_gpus=1 if gpus >= 1 else 0,
     )
     ends = dict(shards)
