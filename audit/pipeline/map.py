@@ -173,25 +173,6 @@ def shard_path(folder: Path, start: int) -> Path:
     return folder / f"{start:09d}.parquet"
 
 
-def map_shard(
-    model: nn.Module,
-    spec: MapSpec,
-    dataset: FrameDataset,
-    bounds: tuple[int, int],
-    device: torch.device,
-    workers: int,
-    on_batch: Callable[[int], None] | None = None,
-) -> pd.DataFrame:
-    """The rows of one shard as a table (sorted by position), computed batch by batch."""
-    start, end = bounds
-    parts = []
-    for batch in loader(Subset(dataset, range(start, end)), spec.batch_size, workers, device):
-        parts.append(map_batch(model, spec, batch, device))
-        if on_batch is not None:
-            on_batch(len(batch["index"]))
-    return _table(parts)
-
-
 def map_shards(
     model: nn.Module,
     spec: MapSpec,

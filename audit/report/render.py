@@ -29,8 +29,7 @@ from audit.report import charts, sections
 from audit.report.fmt import ci_html, nowrap, pct, points_html, share_text
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-MAX_FLIPPED_SHOWN = 24  # counterfactual pairs the runner draws per model
-PAIRS_SHOWN = 8  # of those, pairs shown per model in the report
+PAIRS_SHOWN = 8  # counterfactual pairs shown per model (the runner draws up to 24)
 CELLS_SHOWN = 12  # class x group cells in the performance table and chart, worst first
 DEFAULT_MISTAKES_PER_CELL = 4  # explain.mistakes_per_cell when config.json has none
 THUMB_QUALITY = 72  # JPEG quality of the embedded overlays
