@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from audit import __version__
@@ -38,6 +39,7 @@ from audit.metrics.bootstrap import resample_weights
 from audit.metrics.gates import evaluate_gates, verdicts
 from audit.metrics.groups import cell_rows
 from audit.metrics.trust import occlusion_difference
+from audit.models.inference import use_channels_last
 from audit.models.io import read_state_dict, save_checkpoint, sha256
 from audit.models.mitigations import NEEDS_MASKS, MitigationError
 from audit.models.sources import Prepared, build_model, check_arch, prepare_model
@@ -399,6 +401,10 @@ class Auditor:
         n = len(dataset)
         bounds = mapping.shard_bounds(n, map_spec.batch_size * SHARD_BATCHES)
         folder = self.work / "shards" / spec.name
+        if n:
+            probe = default_collate([dataset[i] for i in range(min(n, 8))])["image"]
+            if use_channels_last(model, probe.to(self.device)):
+                self.log(f"{spec.name}: channels-last convolutions (same outputs on a probe batch)")
         if self.options.precision == "bf16":
             map_spec.autocast = self.bf16_keeps_predictions(spec.name, model, map_spec, dataset)
         pending = list(mapping.pending_shards(folder, bounds))

@@ -41,7 +41,8 @@ arch = "{arch}"
 train_split = "train_{split}"
 epochs = {epochs}
 lr = {lr}
-"""
+batch_size = {batch_size}
+{kwargs}"""
 
 CONFIG = """seed = 0
 bootstrap = {bootstrap}
@@ -58,20 +59,23 @@ enabled = false
 """
 
 
-def save_hf_vit(folder: Path, size: int = 64) -> None:
-    """A tiny ViT from scratch (random weights) with its image processor, as save_pretrained
-    writes them: the labels in the manifest's names, the processor squashing to size x size."""
+def save_hf_vit(
+    folder: Path, size: int = 64, patch: int = 8, hidden: int = 64, layers: int = 2, heads: int = 2
+) -> None:
+    """A tiny ViT from scratch (random weights, seed 0) with its image processor, as save_pretrained
+    writes them: the labels in the manifest's names, the processor squashing to size x size
+    (mean = std = 0.5). Written on every run, so the folder always matches the options."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     labels = ["doctor", "nurse"]
     config = ViTConfig(
         image_size=size,
-        patch_size=8,
-        hidden_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=3,
-        intermediate_size=192,
+        patch_size=patch,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
@@ -81,23 +85,48 @@ def save_hf_vit(folder: Path, size: int = 64) -> None:
     ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
 
 
-def families(args: argparse.Namespace, out: Path) -> dict[str, tuple[str, int, float]]:
-    """family -> (arch, epochs, lr)."""
+def families(args: argparse.Namespace) -> dict[str, tuple[str, int, float, int, dict[str, Any]]]:
+    """family -> (arch, epochs, lr, batch_size, [model.kwargs])."""
+    timm_kwargs = {"output_stride": args.timm_output_stride} if args.timm_output_stride else {}
     return {
-        "cnn": ("small_cnn", args.epochs_cnn, 3e-3),
-        "timm": (f"timm:{args.timm}", args.epochs_timm, 3e-3),
-        "hf": ("hf:hf_vit", args.epochs_hf, args.lr_hf),
+        "cnn": ("small_cnn", args.epochs_cnn, 3e-3, 64, {}),
+        "timm": (f"timm:{args.timm}", args.epochs_timm, args.lr_timm, 64, timm_kwargs),
+        "hf": ("hf:hf_vit", args.epochs_hf, args.lr_hf, args.batch_hf, {}),
     }
 
 
-def run_family(family: str, arch: str, epochs: int, lr: float, args: argparse.Namespace) -> dict:
+def _kwargs_table(kwargs: dict[str, Any]) -> str:
+    """A `[model.kwargs]` table for the model above it (values are numbers here)."""
+    if not kwargs:
+        return ""
+    return "[model.kwargs]\n" + "".join(f"{key} = {value}\n" for key, value in kwargs.items())
+
+
+def run_family(
+    family: str,
+    arch: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    kwargs: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict:
     out = Path(args.out)
     config = out / f"{family}.toml"
+    data = args.data_hf if family == "hf" and args.data_hf else args.data
     text = CONFIG.format(
-        bootstrap=args.bootstrap, family=family, manifest=Path(args.data) / "manifest.csv"
+        bootstrap=args.bootstrap, family=family, manifest=Path(data) / "manifest.csv"
     )
     for split in ("biased", "balanced"):
-        text += MODEL.format(family=family, split=split, arch=arch, epochs=epochs, lr=lr)
+        text += MODEL.format(
+            family=family,
+            split=split,
+            arch=arch,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            kwargs=_kwargs_table(kwargs),
+        )
     config.write_text(text)
     if args.reuse and (out / family / "metrics.json").is_file():  # finished earlier: read it
         seconds = json.loads((out / family / "run.json").read_text()).get("duration_s", 0.0)
@@ -125,18 +154,19 @@ def _ci(estimate: dict[str, Any], scale: float = 100.0) -> str:
 def table(results: dict[str, dict]) -> str:
     lines = [
         "| model | arch, epochs | accuracy | worst-group accuracy (cell) | Grad-CAM on hair+face "
-        "| flip rate | audit run |",
-        "|---|---|---|---|---|---|---|",
+        "| Grad-CAM peak on hair+face | flip rate | audit run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in results.values():
         for name, model in result["metrics"]["models"].items():
             perf = model["performance"]
             worst = perf["worst_group_accuracy"]
-            share = model["attention"]["gradcam"]["overall"]["protected"]["share"]
+            protected = model["attention"]["gradcam"]["overall"]["protected"]
+            share, peak = protected["share"], protected["hit"]
             flips = model.get("counterfactual", {}).get("flip_rate", {})
             lines.append(
                 f"| {name} | {result['arch']}, {result['epochs']} | {_ci(perf['accuracy'])} "
-                f"| {_ci(worst)} ({worst.get('cell')}) | {_ci(share)} | {_ci(flips)} "
+                f"| {_ci(worst)} ({worst.get('cell')}) | {_ci(share)} | {_ci(peak)} | {_ci(flips)} "
                 f"| {result['seconds']:.0f} s |"
             )
     return "\n".join(lines)
@@ -149,11 +179,30 @@ def main() -> None:
     )
     parser.add_argument("--out", default="/tmp/h9/bench")
     parser.add_argument("--families", default="cnn,timm,hf")
-    parser.add_argument("--timm", default="resnet10t", help="timm model name")
+    parser.add_argument("--timm", default="test_resnet", help="timm model name")
+    parser.add_argument(
+        "--timm-output-stride",
+        type=int,
+        default=8,
+        help="timm output_stride kwarg (8: an 8x8 explained map at 64 px; 0: not passed)",
+    )
+    parser.add_argument("--lr-timm", type=float, default=3e-3)
     parser.add_argument("--epochs-cnn", type=int, default=10)
-    parser.add_argument("--epochs-timm", type=int, default=6)
-    parser.add_argument("--epochs-hf", type=int, default=10)
+    parser.add_argument("--epochs-timm", type=int, default=12)
+    parser.add_argument("--epochs-hf", type=int, default=35)
     parser.add_argument("--lr-hf", type=float, default=1e-3)
+    parser.add_argument("--batch-hf", type=int, default=64)
+    parser.add_argument(
+        "--data-hf",
+        default="/tmp/h9/dn6400",
+        help="doctor/nurse folder for the ViT ('' for --data; made if missing, --hf-n-train images "
+        "in each training split, the rest as the default set)",
+    )
+    parser.add_argument("--hf-n-train", type=int, default=6400)
+    parser.add_argument("--hf-patch", type=int, default=8, help="ViT patch size (px)")
+    parser.add_argument("--hf-hidden", type=int, default=64, help="ViT width (MLP: twice that)")
+    parser.add_argument("--hf-layers", type=int, default=2)
+    parser.add_argument("--hf-heads", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument(
         "--reuse", action="store_true", help="read families whose run folder is finished"
@@ -162,14 +211,24 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (Path(args.data) / "manifest.csv").is_file():
-        subprocess.run([AUDIT, "data", "doctor-nurse", "--out", args.data], check=True)
-    if not (out / "hf_vit" / "config.json").is_file():
-        save_hf_vit(out / "hf_vit")
+        subprocess.run([AUDIT, "data", "doctor-nurse", "--out", args.data, "--quiet"], check=True)
+    hf_data = Path(args.data_hf) if args.data_hf else None
+    if "hf" in args.families.split(",") and hf_data and not (hf_data / "manifest.csv").is_file():
+        command = [AUDIT, "data", "doctor-nurse", "--out", str(hf_data), "--quiet"]
+        subprocess.run(command + ["--n-train", str(args.hf_n_train)], check=True)
+    if "hf" in args.families.split(","):
+        save_hf_vit(
+            out / "hf_vit",
+            patch=args.hf_patch,
+            hidden=args.hf_hidden,
+            layers=args.hf_layers,
+            heads=args.hf_heads,
+        )
     results: dict[str, dict] = {}
-    chosen = families(args, out)
+    chosen = families(args)
     for family in args.families.split(","):
-        arch, epochs, lr = chosen[family]
-        results[family] = run_family(family, arch, epochs, lr, args)
+        arch, epochs, lr, batch_size, kwargs = chosen[family]
+        results[family] = run_family(family, arch, epochs, lr, batch_size, kwargs, args)
         print(table({family: results[family]}), flush=True)
     print(f"\ncores: {os.cpu_count()}, seed 0, test split of {args.data} (800 images)")
     print(table(results))

@@ -18,6 +18,7 @@ from audit.explain import (
     cam_boxes,
     explain,
     explain_many,
+    largest_component,
     normalize_maps,
 )
 from audit.models.zoo import SmallCNN
@@ -385,11 +386,32 @@ def test_cam_box_agrees_with_scipy_on_random_maps():
     for i, m in enumerate(maps.numpy()):
         labels, count = ndimage.label(m >= 0.2 * m.max(), structure=np.ones((3, 3)))
         sizes = np.bincount(labels.ravel())[1:]
-        comp = labels == (np.argmax(sizes) + 1)
-        if (sizes == sizes.max()).sum() > 1:
-            continue  # ties may be broken differently
+        comp = labels == (np.argmax(sizes) + 1)  # ties: the component scipy numbers first
         ys, xs = np.nonzero(comp)
         assert boxes[i].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_largest_component_equals_scipy_on_blobs_ties_and_a_snake():
+    gen = torch.Generator().manual_seed(7)
+    maps = F.avg_pool2d(torch.rand(16, 1, 48, 48, generator=gen), 7, 1, 3)[:, 0] ** 4
+    masks = maps >= 0.2 * maps.flatten(1).amax(1).view(-1, 1, 1)
+    ties = torch.zeros(2, 20, 20, dtype=torch.bool)
+    ties[:, 2:5, 2:5] = True  # two 9-pixel squares: the first in raster order wins
+    ties[:, 12:15, 12:15] = True
+    ties[1, 2:5, 2:5] = False
+    ties[1, 15:18, 2:5] = True
+    snake = torch.zeros(1, 20, 20, dtype=torch.bool)  # one long winding component
+    for row in range(0, 20, 4):
+        snake[0, row, :] = True
+        snake[0, row : row + 4, 19 if (row // 4) % 2 == 0 else 0] = True
+    snake[0, 18:, :] = False
+    snake[0, 19, 5] = True  # and a separate pixel
+    for batch in (masks, ties, snake):
+        got = largest_component(batch)
+        for i, mask in enumerate(batch.numpy()):
+            labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+            sizes = np.bincount(labels.ravel())[1:]
+            assert (got[i].numpy() == (labels == np.argmax(sizes) + 1)).all()
 
 
 def test_torchscript_models_get_saliency_and_a_clear_refusal_otherwise(small_cnn, images):

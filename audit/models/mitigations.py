@@ -7,7 +7,8 @@ Each mitigation changes one thing of plain training (`audit.models.train.train_m
   1 / count(cell), with replacement, one epoch = as many draws as training images).
 - ``"group_dro"``: Group DRO (Sagawa et al., ICLR 2020, Algorithm 1) over the class x group cells:
   online weights q_g <- q_g exp(eta loss_g), renormalised, loss = sum_g q_g loss_g, with strong
-  weight decay.
+  weight decay, over batches drawn like group_balanced's, as in the authors' released runs
+  (`--robust --reweight_groups`: the sampler only makes each cell's loss a mean over enough images).
 - ``"jtt"``: Just Train Twice (Liu et al., ICML 2021): a short plain model flags the training images
   it gets wrong; the final model (from the same initial weights) samples them `jtt_upweight` times
   as often. It needs no group labels.

@@ -253,7 +253,12 @@ def train_model(
     if name == "group_balanced":
         weights = balanced_weights(compact_cells(labels, groups)[0])
     elif name == "group_dro":
+        # As the authors ran Group DRO (their released commands pair --robust with
+        # --reweight_groups): the batches draw every cell equally often, so each cell's loss is a
+        # mean over ~batch/cells images instead of the one or two a shuffled batch holds of a
+        # rare cell; the online weights q then act on those per-cell losses.
         cells, num_cells = compact_cells(labels, groups)
+        weights = balanced_weights(cells)
     elif name == "jtt":
         initial = copy.deepcopy(model.state_dict())
         first = TrainConfig(
