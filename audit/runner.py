@@ -33,6 +33,7 @@ from audit import __version__
 from audit.config import AuditConfig, ModelConfig
 from audit.data.manifest import Manifest, read_manifest
 from audit.data.preprocess import Preprocess
+from audit.explain.errors import LayerError
 from audit.explain.layers import resolve_layer
 from audit.metrics.aggregate import groups_of
 from audit.metrics.bootstrap import resample_weights
@@ -520,9 +521,7 @@ class Auditor:
         _check_layer(spec.name, spec.arch, model, layer)
         try:
             rows = self.map_model(spec, model)
-        except ValueError as error:  # the engine refuses the layer's output (not a map or tokens)
-            if isinstance(error, ImageDecodeError) or not str(error).startswith("layer "):
-                raise
+        except LayerError as error:  # the engine refuses the layer's output (not a map or tokens)
             raise AuditError(f"model {spec.name!r}: {error}") from None
         self._lap(f"{spec.name}: map of {len(rows)} images")
         table = self.sample_table(spec, rows)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from audit.data.doctor_nurse import DoctorNurseSpec, generate  # noqa: E402
 from audit.data.manifest import read_manifest  # noqa: E402
+from audit.models.inference import use_channels_last  # noqa: E402
 from audit.models.io import save_checkpoint  # noqa: E402
 from audit.models.zoo import build_model  # noqa: E402
 from audit.pipeline.frames import FrameDataset, squash  # noqa: E402
@@ -153,6 +154,8 @@ def throughput(
     }
     device = torch.device("cpu")
     n = len(rows)
+    # Both sides use the model as the audit runs it (channels-last where it gives the same outputs).
+    use_channels_last(model, torch.stack([frames[False][i]["image"] for i in range(min(n, 8))]))
 
     def plain(with_twins: bool) -> None:
         with torch.inference_mode():

@@ -26,7 +26,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.reshape_transforms import swinT_reshape_transform
 from torch import nn
 
-from audit.explain import CAMNotApplicableError, explain, explain_many
+from audit.explain import CAMNotApplicableError, LayerError, explain, explain_many
 from audit.explain.layout import Layout
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -405,7 +405,7 @@ def test_a_layer_that_is_neither_map_nor_tokens_is_one_clear_error(
         return inner(model.blocks[0].pair(x)[0])
 
     model.blocks[0].forward = forward
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(LayerError, match=message):
         explain(model, images(64, 2), "gradcam", layer=layer)
     assert _hook_count(model) == 0
 

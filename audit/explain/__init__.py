@@ -15,7 +15,12 @@ from audit.explain.engine import (
     explain_many,
     normalize_maps,
 )
-from audit.explain.layers import default_output, find_last_feature_layer, resolve_layer
+from audit.explain.errors import LayerError
+from audit.explain.layers import (
+    default_output,
+    find_last_feature_layer,
+    resolve_layer,
+)
 from audit.explain.layout import Layout, layer_layout
 
 __all__ = [
@@ -24,6 +29,7 @@ __all__ = [
     "PIXEL_METHODS",
     "CAMNotApplicableError",
     "Explanation",
+    "LayerError",
     "Layout",
     "cam_boxes",
     "default_output",

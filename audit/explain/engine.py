@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from audit.explain.layers import OutputSelector, default_output, final_linear, resolve_layer
+from audit.explain.errors import LayerError
+from audit.explain.layers import (
+    OutputSelector,
+    default_output,
+    final_linear,
+    resolve_layer,
+)
 from audit.explain.layout import Layout, describe_output, layer_layout
 from audit.explain.relu import ReluSwitch
 
@@ -72,12 +78,12 @@ class _LayerCapture:
     def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> Tensor:
         self.calls += 1
         if self.calls > 1:
-            raise ValueError(
+            raise LayerError(
                 f"layer {self.layer_name!r} runs more than once per forward pass (a shared module); "
                 "choose a layer that runs once"
             )
         if not isinstance(output, Tensor) or output.dim() not in (3, 4):
-            raise ValueError(
+            raise LayerError(
                 f"layer {self.layer_name!r} must output a (N, C, h, w) map, a channels-last "
                 f"(N, h, w, C) map or (N, T, C) tokens, got {describe_output(output)}"
             )
@@ -232,7 +238,7 @@ def explain_many(
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"the model's logits must have shape (N, classes), got {shape}")
     if module is not None and capture.activation is None:
-        raise ValueError(f"layer {layer_name!r} was not called during the forward pass")
+        raise LayerError(f"layer {layer_name!r} was not called during the forward pass")
 
     resolved = {name: _resolve_targets(spec, name, logits) for name, spec in target_specs.items()}
     layout = None

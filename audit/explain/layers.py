@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from audit.explain.errors import LayerError
 from audit.explain.layout import Call, Layout, map_layout, token_layout, trace
 
 OutputSelector = Callable[[Any], Tensor]
@@ -50,7 +51,7 @@ def resolve_layer(
         if layer not in modules:
             close = difflib.get_close_matches(layer, [n for n in modules if n], n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"unknown layer {layer!r} in {type(model).__name__}{hint}")
+            raise LayerError(f"unknown layer {layer!r} in {type(model).__name__}{hint}")
         return layer, modules[layer]
     if isinstance(layer, nn.Module):
         for name, module in modules.items():
@@ -139,7 +140,7 @@ def find_last_feature_layer(model: nn.Module, images: Tensor) -> str:
     conv = _last_conv_map(model, calls, images)
     norm = _last_block_norm(model, calls, images)
     if conv is None and norm is None:
-        raise ValueError(
+        raise LayerError(
             f"{type(model).__name__} has no convolutional layer with a spatial output and no "
             "transformer block with patch tokens; pass layer=..."
         )

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from audit.explain.errors import LayerError
+
 MAX_PREFIX_TOKENS = 8
 _DOWNSAMPLING = (1, 2, 4, 8, 16, 32, 64)
 
@@ -324,7 +326,7 @@ def layer_layout(
         "(N, T, C) tokens"
     )
     if not isinstance(output, Tensor) or output.dim() not in (3, 4):
-        raise ValueError(f"{expected}, got {describe_output(output)}")
+        raise LayerError(f"{expected}, got {describe_output(output)}")
     if output.dim() == 4:
         kind = _channel_vote(module, tuple(output.shape[1:]))
         if kind is None:
@@ -335,7 +337,7 @@ def layer_layout(
     if layout is None:
         declared = declared_prefix_tokens(model)
         prefix = f"{declared}" if declared is not None else f"0-{MAX_PREFIX_TOKENS}"
-        raise ValueError(
+        raise LayerError(
             f"{expected}; it outputs {tuple(output.shape)}, and {output.shape[1]} tokens less "
             f"{prefix} prefix tokens do not fill a patch grid of the "
             f"{image_hw[0]}x{image_hw[1]} input: choose a layer with patch tokens or a map"

@@ -190,7 +190,8 @@ def predict_logits(
         else:
             loader = _loader(data, batch_size, SequentialSampler(data), workers, device)
             batches = (batch["image"] for batch in loader)
-        outputs = [model(x.to(device, non_blocking=True)).cpu() for x in batches]
+        with torch.no_grad():
+            outputs = [model(x.to(device, non_blocking=True)).cpu() for x in batches]
         return torch.cat(outputs) if outputs else torch.empty(0)
     finally:
         model.train(was_training)
