@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
 
+from audit.explain import cam_boxes, mask_boxes
 from audit.metrics.attention import box_iou, mass_share, pointing_hit, region_attention
 from audit.metrics.bootstrap import point_means, resample_weights, weighted_means
 from audit.metrics.counterfactual import fill_regions_with_mean
@@ -53,6 +55,28 @@ def test_region_attention_marks_missing_regions_nan():
     assert out["share"][0] == 1.0 and out["hit"][0] == 1.0
     assert out["iou"][0] == pytest.approx(4 / 6)  # CAM box 1..3 x 1..3 against 1..4 x 1..3
     assert all(math.isnan(float(out[k][1])) for k in ("share", "hit", "iou"))
+
+
+def test_region_attention_equals_the_measures_region_by_region():
+    gen = torch.Generator().manual_seed(3)
+    maps = F.interpolate(torch.rand(6, 1, 4, 4, generator=gen), size=(32, 32), mode="bilinear")[
+        :, 0
+    ]
+    maps[5] = 0.0  # a zero map: NaN share and hit, no box
+    regions = {f"r{i}": torch.rand(6, 32, 32, generator=gen) < 0.3 for i in range(3)}
+    present = {r: torch.rand(6, generator=gen) < 0.7 for r in regions}
+    boxes = {r: mask_boxes(m) for r, m in regions.items()}
+    out = region_attention(maps, regions, present, boxes)
+    cam = cam_boxes(maps)
+    for r, masks in regions.items():
+        expected = {
+            "share": mass_share(maps, masks),
+            "hit": pointing_hit(maps, masks),
+            "iou": box_iou(cam, boxes[r]),
+        }
+        for measure, values in expected.items():
+            values = values.masked_fill(~present[r], torch.nan)
+            torch.testing.assert_close(out[r][measure], values, equal_nan=True)
 
 
 def test_fill_regions_with_mean():
