@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench system-deps
+.PHONY: demo mitigations test lint bench system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ system-deps:
 
 demo: $(STAMP)
 	$(BIN)/audit demo --out reports/demo
+
+# The mitigations audit (README "Mitigations: from finding to fix"): several models trained, minutes.
+MITIGATION_DATA := datasets/doctor_nurse_95/manifest.csv
+$(MITIGATION_DATA): | $(STAMP)
+	$(BIN)/audit data doctor-nurse --out $(dir $@) --doctor-male 0.95 --nurse-female 0.95 --overwrite
+
+mitigations: $(STAMP) $(MITIGATION_DATA)
+	$(BIN)/audit run examples/mitigations.toml --out reports/mitigations --force
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
