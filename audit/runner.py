@@ -172,7 +172,7 @@ class Auditor:
 
     def load_data(self) -> None:
         config = self.config
-        self.manifest = read_manifest(config.manifest_path)
+        self.manifest = read_manifest(config.manifest_path, decode=False)  # the map decodes
         _check_regions(config, self.manifest)
         table = self.manifest.table
         self.classes = sorted(set(table["label"]))

@@ -411,6 +411,23 @@ def test_truncated_images_are_caught_even_after_weasyprint_is_imported(valid_man
     )
 
 
+def test_without_decoding_only_headers_are_read(valid_manifest):
+    root = valid_manifest.parent
+    _noise(root / "full.png")
+    (root / "a.png").write_bytes((root / "full.png").read_bytes()[:-300])  # truncated pixels
+    _mask(root / "small.png", size=(10, 10))
+    table = pd.read_csv(valid_manifest, dtype=str, keep_default_na=False)
+    table.loc[1, "mask:hair"] = "small.png"
+    table.loc[1, "twin"] = "gone.png"
+    table.to_csv(valid_manifest, index=False)
+    decoded = validate(valid_manifest)
+    headers = validate(valid_manifest, decode=False)
+    assert any("line 2, image: unreadable or truncated image a.png" in p for p in decoded)
+    assert not any("a.png" in p for p in headers)  # the map will name it when it decodes it
+    for problem in ("line 3, mask:hair: small.png is 10x10", "line 3, twin: file not found"):
+        assert any(problem in p for p in headers), headers
+
+
 def test_all_problems_are_reported_at_once(valid_manifest):
     table = pd.read_csv(valid_manifest, dtype=str, keep_default_na=False)
     table.loc[0, "image"] = "nope.png"

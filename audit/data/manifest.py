@@ -241,12 +241,14 @@ def strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a fully decodable image; raises OSError for unreadable or truncated files."""
+def _image_size(path: Path, decode: bool = True) -> tuple[int, int]:
+    """(width, height) of an image; raises OSError for an unreadable file, and with `decode` (the
+    whole file decoded, not only its header) for a truncated one."""
     with warnings.catch_warnings(), strict_decoding():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            image.load()
+            if decode:
+                image.load()
             return image.size
 
 
@@ -259,10 +261,15 @@ def parse_box(value: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
-    """Load and validate a manifest; raise ManifestError listing every problem found."""
+def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = True) -> Manifest:
+    """Load and validate a manifest; raise ManifestError listing every problem found.
+
+    `decode=False` reads only the images' headers (existence, format, size), not their pixels: an
+    audit run decodes every image anyway, and names a file that fails then with its manifest line
+    (stopping, or skipping it with --skip-bad-images), so the run does not decode the set twice.
+    """
     path = Path(path)
-    problems = validate(path, check_files=check_files)
+    problems = validate(path, check_files=check_files, decode=decode)
     if problems:
         raise ManifestError(path, problems)
     return _load(path)
@@ -297,8 +304,11 @@ def _load(path: Path) -> Manifest:
     )
 
 
-def validate(path: str | Path, *, check_files: bool = True) -> list[str]:
-    """Every problem of a manifest, one line each, naming the line (header = line 1) and column."""
+def validate(path: str | Path, *, check_files: bool = True, decode: bool = True) -> list[str]:
+    """Every problem of a manifest, one line each, naming the line (header = line 1) and column.
+
+    With `decode` every image is decoded in full, so truncated files are found too; without it
+    only their headers are read."""
     path = Path(path)
     if not path.is_file():
         return [f"manifest not found: {path}"]
@@ -346,7 +356,7 @@ def validate(path: str | Path, *, check_files: bool = True) -> list[str]:
             return None
         if value not in sizes:
             try:
-                sizes[value] = _image_size(full)
+                sizes[value] = _image_size(full, decode)
             except (OSError, SyntaxError, Image.DecompressionBombWarning, ValueError) as error:
                 sizes[value] = None
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
