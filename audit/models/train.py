@@ -171,6 +171,17 @@ def _has_masks(dataset: Dataset) -> bool:
 
 
 @torch.no_grad()
+def _eval_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """An eval-mode forward, on a channels-last copy of the images where the model takes one
+    (about 2x faster convolutions on CPU, same logits to float rounding); else as given."""
+    if x.dim() == 4:
+        try:
+            return model(x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:  # e.g. the model's own code .view()s an NHWC feature map
+            pass
+    return model(x)
+
+
 def predict_logits(
     model: nn.Module,
     data: Tensor | Dataset,
@@ -191,7 +202,7 @@ def predict_logits(
             loader = _loader(data, batch_size, SequentialSampler(data), workers, device)
             batches = (batch["image"] for batch in loader)
         with torch.no_grad():
-            outputs = [model(x.to(device, non_blocking=True)).cpu() for x in batches]
+            outputs = [_eval_forward(model, x.to(device, non_blocking=True)).cpu() for x in batches]
         return torch.cat(outputs) if outputs else torch.empty(0)
     finally:
         model.train(was_training)
