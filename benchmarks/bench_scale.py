@@ -4,8 +4,9 @@
 
 For each size: a doctor/nurse set with that many test images (each with a twin) is generated, two
 models of `--arch` (random weights, saved as state dicts) are audited with `audit run --no-report`
-(Grad-CAM on every image), and the peak resident memory of the whole process tree (DataLoader
-workers included) is sampled. Then, on the largest set, the map stage's throughput is compared
+(Grad-CAM on every image), and the peak memory of the whole process tree (DataLoader workers
+included) is sampled: the sum of the processes' proportional set sizes (PSS, each shared page split
+between its sharers), and, for comparison, the sum of their RSS (shared pages counted per process). Then, on the largest set, the map stage's throughput is compared
 with plain batched inference of the same model over the same DataLoader, and the run is repeated
 on a local Ray with two workers (its time, and whether samples.csv and metrics.json are identical).
 """
@@ -46,32 +47,42 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def tree_rss(pid: int) -> int:
-    """Resident memory of a process and all its descendants, from /proc (Linux)."""
-    total, stack = 0, [pid]
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process and all its descendants, summed, from /proc (Linux).
+
+    The RSS sum counts pages shared between processes (a forked DataLoader worker's libraries, the
+    shared-memory batches it hands over) once per process; the PSS sum divides each shared page
+    between its sharers, so it is the tree's actual footprint.
+    """
+    rss = pss = 0
+    stack = [pid]
     while stack:
         current = stack.pop()
         try:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+                    rss += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             continue
         stack += _children(current)
-    return total
+    return rss, pss
 
 
-def run_measured(args: list[str]) -> tuple[float, int]:
-    """Wall time and peak resident memory (sum over the process tree) of a command."""
+def run_measured(args: list[str]) -> tuple[float, int, int]:
+    """Wall time and peak memory of a command: the process tree's summed RSS and summed PSS."""
     started = time.perf_counter()
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
+    peak_rss = peak_pss = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         while not done.is_set():
-            peak = max(peak, tree_rss(process.pid))
+            rss, pss = tree_memory(process.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -81,7 +92,7 @@ def run_measured(args: list[str]) -> tuple[float, int]:
     thread.join()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{err.decode()[-2000:]}")
-    return time.perf_counter() - started, peak
+    return time.perf_counter() - started, peak_rss, peak_pss
 
 
 def write_config(folder: Path, manifest: Path, arch: str, image_size: int, batch: int) -> Path:
@@ -204,6 +215,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true", help="memory only")
     parser.add_argument(
         "--throughput-only",
         type=Path,
@@ -238,7 +250,7 @@ def main() -> None:
             )
             generation = time.perf_counter() - started
             config = write_config(folder, manifest, args.arch, args.image_size, args.batch)
-            wall, peak = run_measured(
+            wall, peak_rss, peak_pss = run_measured(
                 [
                     *audit,
                     "run",
@@ -251,23 +263,26 @@ def main() -> None:
                     str(args.workers),
                 ]
             )
-            results.append((size, generation, wall, peak))
+            results.append((size, generation, wall, peak_pss))
             print(
                 f"{size} images at {args.image_size} px, {args.arch} x 2: generation {generation:.0f} s, "
                 f"audit run {wall:.0f} s ({2 * size / wall:.1f} img/s over both models), "
-                f"peak RSS {peak / 2**30:.2f} GiB",
+                f"peak memory of the process tree: PSS {peak_pss / 2**30:.2f} GiB "
+                f"(summed RSS, shared pages counted per process: {peak_rss / 2**30:.2f} GiB)",
                 flush=True,
             )
         if len(results) > 1:
             small, large = results[0][3], results[-1][3]
-            print(f"peak memory, largest / smallest: {large / small:.3f}")
+            print(f"peak PSS, largest / smallest: {large / small:.3f}")
         largest = root / f"n{args.sizes[-1]}"
+        if args.skip_throughput:
+            return
         rates = throughput(
             largest / "data" / "manifest.csv", args.arch, args.image_size, args.batch, args.workers
         )
         report_throughput(rates, args.sizes[-1], args.workers)
         if not args.skip_ray:
-            wall, _ = run_measured(
+            wall, _, _ = run_measured(
                 [
                     *audit,
                     "run",
