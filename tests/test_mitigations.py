@@ -269,19 +269,24 @@ class RecordingDataset(TensorDictDataset):
         return super().__getitem__(i)
 
 
-def test_group_balanced_draws_every_cell_equally_often_with_the_plain_number_of_steps() -> None:
+@pytest.mark.parametrize("name", ["group_balanced", "group_dro"])
+def test_balanced_batches_draw_every_cell_equally_often_with_the_plain_number_of_steps(
+    name: str,
+) -> None:
     """Through train_model (not just balanced_weights): a 4-cell split with cells of 5, 15, 40 and
     60 images, over 5 epochs, draws each cell ~1/4 of the time (the rare cells far more often
     than their 4% and 12.5%), one epoch is as many draws as images, as in plain training, and the
-    cells follow the labels and the groups the dataset gives."""
+    cells follow the labels and the groups the dataset gives. Group DRO draws its batches so too,
+    as in the authors' released runs (`--robust --reweight_groups`), and still returns its online
+    weights, one per cell, summing to 1."""
     counts = {(0, 0): 5, (0, 1): 15, (1, 0): 60, (1, 1): 40}
     labels = torch.cat([torch.full((n,), c) for (c, _), n in counts.items()])
     groups = torch.cat([torch.full((n,), g) for (_, g), n in counts.items()])
     n = len(labels)
     images = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     data = RecordingDataset(images, labels, groups)
-    config = TrainConfig(epochs=5, batch_size=40, mitigation=MitigationConfig("group_balanced"))
-    train_model(tiny_model(), data, config, progress=False)
+    config = TrainConfig(epochs=5, batch_size=40, mitigation=MitigationConfig(name))
+    history = train_model(tiny_model(), data, config, progress=False)
     drawn = torch.tensor(data.drawn)
     assert len(drawn) == 5 * n  # same steps per epoch (and one-cycle schedule) as plain training
     cells = labels[drawn] * 2 + groups[drawn]
@@ -292,3 +297,6 @@ def test_group_balanced_draws_every_cell_equally_often_with_the_plain_number_of_
     train_model(tiny_model(), plain, TrainConfig(epochs=5, batch_size=40), progress=False)
     plain_cells = labels[torch.tensor(plain.drawn)] * 2 + groups[torch.tensor(plain.drawn)]
     assert torch.bincount(plain_cells, minlength=4).tolist() == [25, 75, 300, 200]
+    if name == "group_dro":
+        assert len(history.group_weights) == 4
+        assert abs(sum(history.group_weights) - 1) < 1e-6
