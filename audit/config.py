@@ -109,15 +109,16 @@ class ModelConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     # Training with a mitigation (audit.models.mitigations): none | group_balanced | group_dro |
     # jtt | right_reasons | attention_penalty, and their hyperparameters (defaults chosen on the
-    # doctor/nurse val split; where each comes from: MitigationConfig's docstring).
+    # doctor/nurse val split; where each comes from: MitigationConfig's docstring, whose defaults
+    # these are).
     mitigation: str = "none"
-    dro_eta: float = 0.01
-    dro_weight_decay: float = 0.1
-    jtt_epochs: int = 5
-    jtt_upweight: float = 6.0
-    rrr_lambda: float = 10.0
-    attention_lambda: float = 0.1
-    attention_layer: str = ""
+    dro_eta: float = MitigationConfig.dro_eta
+    dro_weight_decay: float = MitigationConfig.dro_weight_decay
+    jtt_epochs: int = MitigationConfig.jtt_epochs
+    jtt_upweight: float = MitigationConfig.jtt_upweight
+    rrr_lambda: float = MitigationConfig.rrr_lambda
+    attention_lambda: float = MitigationConfig.attention_lambda
+    attention_layer: str = ""  # "" in TOML; MitigationConfig's None (the last feature map)
 
     def mitigation_config(self) -> MitigationConfig:
         """This model's mitigation with its hyperparameters."""

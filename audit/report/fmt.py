@@ -46,21 +46,19 @@ def ci_html(estimate: dict[str, Any] | None, digits: int = 0, percent: bool = Tr
 
 def points(estimate: dict[str, Any] | None) -> str:
     """A difference of shares in percentage points: '-18.1 pts [-19.7 to -16.6]'."""
-    if not estimate or estimate.get("value") is None:
-        return "n/a"
-    text = f"{100 * estimate['value']:+.1f} pts"
-    if estimate.get("ci_low") is not None:
-        text += f" [{100 * estimate['ci_low']:+.1f} to {100 * estimate['ci_high']:+.1f}]"
-    return text
+    return signed(estimate, 1, scale=100.0, unit=" pts")
 
 
-def signed(estimate: dict[str, Any] | None, digits: int = 2) -> str:
+def signed(
+    estimate: dict[str, Any] | None, digits: int = 2, *, scale: float = 1.0, unit: str = ""
+) -> str:
     """A signed difference on its own scale (AUC, probability): '-0.14 [-0.20 to -0.08]'."""
     if not estimate or estimate.get("value") is None:
         return "n/a"
-    text = f"{estimate['value']:+.{digits}f}"
+    text = f"{scale * estimate['value']:+.{digits}f}{unit}"
     if estimate.get("ci_low") is not None:
-        text += f" [{estimate['ci_low']:+.{digits}f} to {estimate['ci_high']:+.{digits}f}]"
+        low, high = scale * estimate["ci_low"], scale * estimate["ci_high"]
+        text += f" [{low:+.{digits}f} to {high:+.{digits}f}]"
     return text
 
 
