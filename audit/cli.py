@@ -396,6 +396,9 @@ def demo_config(manifest: Path, seed: int) -> dict[str, Any]:
             },
         ],
         "explain": {"methods": ["gradcam", "guided_gradcam"], "samples_per_cell": 6},
+        # Half the default trust sample: the demo's finding is clear on 128 images, and the checks
+        # are a third of its time on two cores (README, "make demo").
+        "trust": {"samples": 128, "faithfulness_samples": 32},
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -690,26 +691,21 @@ class Auditor:
 
 
 def software_versions() -> dict[str, str]:
-    import fairlearn
-    import jinja2
-    import matplotlib
-    import sklearn
-    import torchvision
-    import weasyprint
+    """The versions of the software that computed the run, for its reproducibility section.
 
-    return {
-        "audit": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "scikit-learn": sklearn.__version__,
-        "fairlearn": fairlearn.__version__,
-        "matplotlib": matplotlib.__version__,
-        "jinja2": jinja2.__version__,
-        "weasyprint": weasyprint.__version__,
-    }
+    Read from the installed distributions' metadata: importing fairlearn or WeasyPrint only to
+    read `__version__` cost seconds of every run."""
+    import torchvision  # imported by the model sources anyway; its version names the build
+
+    versions = {"audit": __version__, "python": platform.python_version()}
+    versions |= {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    names = ["numpy", "pandas", "scikit-learn", "fairlearn", "matplotlib", "jinja2", "weasyprint"]
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def _write_json(path: Path, data: Any) -> None:

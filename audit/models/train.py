@@ -34,6 +34,7 @@ from torch.utils.data import (
 from tqdm import tqdm
 
 from audit.explain.layers import resolve_layer
+from audit.models.inference import channels_last_for_training
 from audit.models.mitigations import (
     NEEDS_GROUPS,
     NEEDS_MASKS,
@@ -256,6 +257,7 @@ def train_model(
     mitigation.check(has_groups=has_groups, has_masks=has_masks)
     device = _model_device(model, device)
     model.to(device)
+    channels_last: bool | None = None  # decided on the first batch, so no extra reads
 
     sampler_seed, flip_seed = _seeds(config.seed)
     weights = None
@@ -335,6 +337,10 @@ def train_model(
             y = batch["label"].to(device, non_blocking=True)
             flip = (torch.rand(len(y), generator=flip_generator) < 0.5).to(device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if channels_last is None:
+                channels_last = channels_last_for_training(model, x[:8])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             penalty = None
             if name in ("none", "group_balanced", "jtt"):
                 loss = F.cross_entropy(model(x), y)
@@ -381,4 +387,6 @@ def train_model(
     if dro is not None:
         history.group_weights = [float(v) for v in dro.q.cpu()]
     model.eval()
+    if channels_last:  # checkpoints keep the usual layout; the audit switches again where it helps
+        model.to(memory_format=torch.contiguous_format)
     return history
