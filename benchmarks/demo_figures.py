@@ -65,42 +65,37 @@ def pct(x: Any) -> str:
     return NA if v is None else f"{100 * v:.1f}%"
 
 
+def _interval(stat: Any, number: Any, unit: str, joiner: str) -> str:
+    """'{value}{unit} [{low}{joiner}{high}]' of a {'value', 'ci_low', 'ci_high'} block."""
+    v, lo, hi = (_num(dig(stat, k)) for k in ("value", "ci_low", "ci_high"))
+    if v is None:
+        return NA
+    if lo is None or hi is None:
+        return f"{number(v)}{unit}"
+    return f"{number(v)}{unit} [{number(lo)}{joiner}{number(hi)}]"
+
+
 def _p(x: float) -> str:
     return f"{100 * x:.1f}"
-
-
-def pct_ci(stat: Any) -> str:
-    """{'value', 'ci_low', 'ci_high'} -> '62.3% [58.9–65.5]'."""
-    v, lo, hi = (_num(dig(stat, k)) for k in ("value", "ci_low", "ci_high"))
-    if v is None:
-        return NA
-    if lo is None or hi is None:
-        return f"{_p(v)}%"
-    return f"{_p(v)}% [{_p(lo)}–{_p(hi)}]"
-
-
-def points_ci(stat: Any) -> str:
-    """{'value', 'ci_low', 'ci_high'} in probability units -> '11.6 points [9.7–13.6]'."""
-    v, lo, hi = (_num(dig(stat, k)) for k in ("value", "ci_low", "ci_high"))
-    if v is None:
-        return NA
-    if lo is None or hi is None:
-        return f"{_p(v)} points"
-    return f"{_p(v)} points [{_p(lo)}–{_p(hi)}]"
 
 
 def _sp(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def pct_ci(stat: Any) -> str:
+    """{'value', 'ci_low', 'ci_high'} -> '62.3% [58.9–65.5]'."""
+    return _interval(stat, _p, "%", "–")
+
+
+def points_ci(stat: Any) -> str:
+    """{'value', 'ci_low', 'ci_high'} in probability units -> '11.6 points [9.7–13.6]'."""
+    return _interval(stat, _p, " points", "–")
+
+
 def signed_points_ci(stat: Any) -> str:
     """A paired difference -> '+93.0 points [+89.2 to +96.0]'."""
-    v, lo, hi = (_num(dig(stat, k)) for k in ("value", "ci_low", "ci_high"))
-    if v is None:
-        return NA
-    if lo is None or hi is None:
-        return f"{_sp(v)} points"
-    return f"{_sp(v)} points [{_sp(lo)} to {_sp(hi)}]"
+    return _interval(stat, _sp, " points", " to ")
 
 
 def two(x: Any) -> str:
