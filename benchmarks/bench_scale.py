@@ -2,13 +2,16 @@
 
     python benchmarks/bench_scale.py [--sizes 5000 20000] [--image-size 224] [--arch resnet18]
 
-For each size: a doctor/nurse set with that many test images (each with a twin) is generated, two
-models of `--arch` (random weights, saved as state dicts) are audited with `audit run --no-report`
-(Grad-CAM on every image), and the peak memory of the whole process tree (DataLoader workers
-included) is sampled: the sum of the processes' proportional set sizes (PSS, each shared page split
-between its sharers), and, for comparison, the sum of their RSS (shared pages counted per process). Then, on the largest set, the map stage's throughput is compared
-with plain batched inference of the same model over the same DataLoader, and the run is repeated
-on a local Ray with two workers (its time, and whether samples.csv and metrics.json are identical).
+A doctor/nurse set with the largest size's number of test images (each with a twin) is generated
+once; each size audits the first that many of them. For each size, two models of `--arch` (random
+weights, saved as state dicts) are audited with `audit run --no-report` (Grad-CAM on every image),
+and the peak memory of the whole process tree (DataLoader workers included) is sampled every 0.1 s:
+the sum of the processes' proportional set sizes (PSS, each shared page split between its sharers),
+and, for comparison, the sum of their RSS (shared pages counted per process), with the run.log line
+written last before the peak (the stage it fell in). Then, on the largest set, the map stage's
+throughput is compared with plain batched inference of the same model over the same DataLoader,
+and the run is repeated on a local Ray with two workers (its time, and whether samples.csv and
+metrics.json are identical).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +37,7 @@ from audit.data.manifest import read_manifest  # noqa: E402
 from audit.models.inference import use_channels_last  # noqa: E402
 from audit.models.io import save_checkpoint  # noqa: E402
 from audit.models.zoo import build_model  # noqa: E402
-from audit.pipeline.frames import FrameDataset, squash  # noqa: E402
+from audit.pipeline.frames import FrameDataset, float_pixels, squash  # noqa: E402
 from audit.pipeline.map import MapSpec, loader, map_shards  # noqa: E402
 
 
@@ -71,18 +75,22 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_measured(args: list[str]) -> tuple[float, int, int]:
-    """Wall time and peak memory of a command: the process tree's summed RSS and summed PSS."""
+def run_measured(args: list[str]) -> tuple[float, int, int, float]:
+    """Wall time and peak memory of a command: the process tree's summed RSS and summed PSS, and
+    the clock time (time.time()) of the PSS peak."""
     started = time.perf_counter()
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_rss = peak_pss = 0
+    peak_at = 0.0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak_rss, peak_pss
+        nonlocal peak_rss, peak_pss, peak_at
         while not done.is_set():
             rss, pss = tree_memory(process.pid)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            if pss > peak_pss:
+                peak_pss, peak_at = pss, time.time()
+            peak_rss = max(peak_rss, rss)
             time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -92,7 +100,29 @@ def run_measured(args: list[str]) -> tuple[float, int, int]:
     thread.join()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{err.decode()[-2000:]}")
-    return time.perf_counter() - started, peak_rss, peak_pss
+    return time.perf_counter() - started, peak_rss, peak_pss, peak_at
+
+
+def stage_at(run_log: Path, moment: float) -> str:
+    """The run.log line last written before `moment` (what the audit was doing then)."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(moment))
+    last = "(before the first log line)"
+    for line in run_log.read_text().splitlines():
+        if line[:8] > stamp:
+            break
+        last = line
+    return last
+
+
+def subset_manifest(manifest: Path, test_rows: int) -> Path:
+    """A manifest beside `manifest` with its first `test_rows` test rows (and every other row):
+    the smaller sets are parts of the largest, generated once."""
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    test = table["split"] == "test"
+    keep = ~test | (test.cumsum() <= test_rows)
+    out = manifest.with_name(f"manifest_{test_rows}.csv")
+    table[keep].to_csv(out, index=False, lineterminator="\n")
+    return out
 
 
 def write_config(folder: Path, manifest: Path, arch: str, image_size: int, batch: int) -> Path:
@@ -160,20 +190,22 @@ def throughput(
             squash(image_size),
             regions=regions,
             twins=["twin"] if twins else None,
+            uint8_pixels=True,  # as the audit's map reads them
         )
         for twins in (False, True)
     }
     device = torch.device("cpu")
     n = len(rows)
     # Both sides use the model as the audit runs it (channels-last where it gives the same outputs).
-    use_channels_last(model, torch.stack([frames[False][i]["image"] for i in range(min(n, 8))]))
+    probe = torch.stack([frames[False][i]["image"] for i in range(min(n, 8))])
+    use_channels_last(model, float_pixels(probe))
 
     def plain(with_twins: bool) -> None:
         with torch.inference_mode():
             for batch in loader(frames[with_twins], size, workers, device):
-                model(batch["image"])
+                model(float_pixels(batch["image"]))
                 if with_twins:
-                    model(batch["twins"][:, 0])
+                    model(float_pixels(batch["twins"][:, 0]))
 
     def mapped(with_twins: bool) -> None:
         spec = MapSpec(
@@ -238,19 +270,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         results = []
+        started = time.perf_counter()
+        generated = generate(
+            DoctorNurseSpec(
+                seed=0, image_size=args.image_size, n_train=4, n_val=4, n_test=max(args.sizes)
+            ),
+            root / "data",
+            progress=False,
+        )
+        generation = time.perf_counter() - started
+        print(f"{max(args.sizes)} test images generated in {generation:.0f} s", flush=True)
         for size in args.sizes:
             folder = root / f"n{size}"
-            started = time.perf_counter()
-            manifest = generate(
-                DoctorNurseSpec(
-                    seed=0, image_size=args.image_size, n_train=4, n_val=4, n_test=size
-                ),
-                folder / "data",
-                progress=False,
-            )
-            generation = time.perf_counter() - started
+            folder.mkdir()
+            manifest = subset_manifest(generated, size)
             config = write_config(folder, manifest, args.arch, args.image_size, args.batch)
-            wall, peak_rss, peak_pss = run_measured(
+            wall, peak_rss, peak_pss, peak_at = run_measured(
                 [
                     *audit,
                     "run",
@@ -263,26 +298,31 @@ def main() -> None:
                     str(args.workers),
                 ]
             )
-            results.append((size, generation, wall, peak_pss))
+            results.append((size, wall, peak_pss))
             print(
-                f"{size} images at {args.image_size} px, {args.arch} x 2: generation {generation:.0f} s, "
+                f"{size} images at {args.image_size} px, {args.arch} x 2: "
                 f"audit run {wall:.0f} s ({2 * size / wall:.1f} img/s over both models), "
                 f"peak memory of the process tree: PSS {peak_pss / 2**30:.2f} GiB "
-                f"(summed RSS, shared pages counted per process: {peak_rss / 2**30:.2f} GiB)",
+                f"(summed RSS, shared pages counted per process: {peak_rss / 2**30:.2f} GiB); "
+                f"the peak came after: {stage_at(folder / 'run' / 'run.log', peak_at)}",
                 flush=True,
             )
         if len(results) > 1:
-            small, large = results[0][3], results[-1][3]
+            small, large = results[0][2], results[-1][2]
             print(f"peak PSS, largest / smallest: {large / small:.3f}")
         largest = root / f"n{args.sizes[-1]}"
         if args.skip_throughput:
             return
         rates = throughput(
-            largest / "data" / "manifest.csv", args.arch, args.image_size, args.batch, args.workers
+            root / "data" / f"manifest_{args.sizes[-1]}.csv",
+            args.arch,
+            args.image_size,
+            args.batch,
+            args.workers,
         )
         report_throughput(rates, args.sizes[-1], args.workers)
         if not args.skip_ray:
-            wall, _, _ = run_measured(
+            wall, _, _, _ = run_measured(
                 [
                     *audit,
                     "run",
@@ -301,7 +341,7 @@ def main() -> None:
                 for f in ("samples.csv", "metrics.json")
             )
             print(
-                f"local Ray, 2 workers: {wall:.0f} s against {results[-1][2]:.0f} s locally; "
+                f"local Ray, 2 workers: {wall:.0f} s against {results[-1][1]:.0f} s locally; "
                 f"samples.csv and metrics.json identical: {same}"
             )
 

@@ -21,7 +21,7 @@ from audit.data.manifest import read_manifest
 from audit.explain import explain, mask_boxes
 from audit.metrics.attention import region_attention
 from audit.models.zoo import SmallCNN
-from audit.pipeline.frames import FrameDataset, ImageDecodeError, squash
+from audit.pipeline.frames import FrameDataset, ImageDecodeError, float_pixels, squash
 from audit.pipeline.map import MapSpec, map_batch
 from tests.conftest import write_config
 
@@ -73,6 +73,59 @@ def test_frames_follow_the_model_geometry(small_dataset):
     box = mask_boxes(item["regions"][1][None])[0].tolist()
     centre = lambda v: int(np.ceil((v - 1) / 2))  # first i with floor(2 i + 1) >= v  # noqa: E731
     assert box == [centre(x0), centre(y0), centre(x1), centre(y1)]
+
+
+def test_uint8_batches_give_exactly_the_float_rows(small_dataset):
+    """The map reads uint8 pixels from its workers (a quarter of the bytes) and makes the floats
+    itself: the same floats, so the same rows, as a dataset that makes them."""
+    torch.manual_seed(0)
+    model = SmallCNN(2).eval()
+    manifest = read_manifest(small_dataset)
+    rows = manifest.split("test").head(6)
+    kwargs = {"regions": ["hair", "face"], "twins": ["twin"]}
+    floats = FrameDataset(manifest, rows, ["doctor", "nurse"], squash(48), **kwargs)
+    small = FrameDataset(
+        manifest, rows, ["doctor", "nurse"], squash(48), uint8_pixels=True, **kwargs
+    )
+    a = torch.utils.data.default_collate([floats[i] for i in range(6)])
+    b = torch.utils.data.default_collate([small[i] for i in range(6)])
+    assert b["image"].dtype == torch.uint8 and b["twins"].dtype == torch.uint8
+    assert torch.equal(float_pixels(b["image"]), a["image"])
+    assert torch.equal(float_pixels(b["twins"]), a["twins"])
+    assert float_pixels(a["image"]) is a["image"]  # floats pass through
+    spec = MapSpec(
+        layer="features", regions=["hair", "face"], unions={"protected": ["hair", "face"]}
+    )
+    out_a = map_batch(model, spec, a, torch.device("cpu"))
+    out_b = map_batch(model, spec, b, torch.device("cpu"))
+    assert out_a.keys() == out_b.keys()
+    for key in out_a:
+        np.testing.assert_array_equal(out_a[key], out_b[key], err_msg=key)
+
+
+def test_a_frame_dataset_holds_arrays_not_tables_and_pickles_small(small_dataset):
+    """Workers get the dataset by fork or pickle: it holds no DataFrame, Manifest or per-row Python
+    objects (a worker touching those copies their pages), only arrays, and an unpickled copy gives
+    the same items."""
+    import pickle
+
+    manifest = read_manifest(small_dataset)
+    rows = manifest.split("test")
+    frames = FrameDataset(
+        manifest, rows, ["doctor", "nurse"], squash(32), regions=["hair", "person"], twins=["twin"]
+    )
+    kinds = {type(v) for v in vars(frames).values()}
+    assert not kinds & {pd.DataFrame, pd.Series, type(manifest)}
+    assert all(isinstance(v, np.ndarray) for v in frames.cells.values())
+    assert frames.cell(2, "image") == rows.iloc[2]["image"]
+    assert frames.cell(2, "box:person") == rows.iloc[2]["box:person"]
+    assert frames.cell(2, "mask:nothing") == ""
+    blob = pickle.dumps(frames)
+    assert len(blob) < len(pickle.dumps(rows))
+    copy = pickle.loads(blob)
+    for key, value in frames[5].items():
+        other = copy[5][key]
+        assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
 
 
 def test_a_bad_image_names_the_file_and_line(small_dataset, monkeypatch):

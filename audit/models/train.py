@@ -20,6 +20,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -153,9 +154,10 @@ def dataset_targets(
     dataset: Dataset, *, batch_size: int = 256, workers: int = 0
 ) -> tuple[Tensor, Tensor]:
     """(labels, groups) of every item in order: from the dataset's `labels`/`groups` attributes
-    (tensors or lists) when it has them, else by one pass through a DataLoader."""
+    (tensors, arrays or lists) when it has them, else by one pass through a DataLoader."""
     labels, groups = getattr(dataset, "labels", None), getattr(dataset, "groups", None)
-    if isinstance(labels, (Tensor, list, tuple)) and isinstance(groups, (Tensor, list, tuple)):
+    listed = (Tensor, np.ndarray, list, tuple)
+    if isinstance(labels, listed) and isinstance(groups, listed):
         labels, groups = torch.as_tensor(labels).long(), torch.as_tensor(groups).long()
         if labels.shape == groups.shape == (len(dataset),):
             return labels, groups

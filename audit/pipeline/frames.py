@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -45,9 +46,10 @@ def squash(size: int) -> Preprocess:
     )
 
 
-def manifest_line(rows: pd.DataFrame, i: int) -> int:
-    """The manifest line of the i-th row of a split (line 1 is the header)."""
-    return int(rows.index[i]) + 2
+def float_pixels(pixels: Tensor) -> Tensor:
+    """Pixels as floats in [0, 1]: uint8 ones divided by 255 (exactly what the dataset would have
+    made of them), float ones unchanged."""
+    return pixels.float().div_(255) if pixels.dtype == torch.uint8 else pixels
 
 
 class FrameDataset(Dataset):
@@ -59,6 +61,10 @@ class FrameDataset(Dataset):
     `twins` (the manifest's twin columns, one per attribute): `twins` (A, 3, h, w) and
     `twins_present` (A,); with `protected` (region names): `protected`, the union of those masks
     (h, w), for training that needs it.
+
+    With `uint8_pixels`, `image` and `twins` stay uint8 (0-255) and the consumer turns them into
+    floats (`float_pixels`) where they are used: a batch crossing from a DataLoader worker is then a
+    quarter of the bytes, which bounds the memory of the batches in flight at large frames.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class FrameDataset(Dataset):
         protected: list[str] | None = None,
         skip_bad: bool = False,
         cache_bytes: int = 0,
+        uint8_pixels: bool = False,
     ) -> None:
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted(set(rows["label"]) - set(index))
@@ -81,17 +88,26 @@ class FrameDataset(Dataset):
             raise ValueError(
                 f"{manifest.path}: labels {unknown} are not among the model's classes {classes}"
             )
-        self.manifest = manifest
-        self.rows = rows
-        self.records = rows.to_dict("records")
-        self.labels = [index[v] for v in rows["label"]]
+        # Only what items are made of, in arrays: no DataFrame, no Python object per row, so the
+        # dataset pickles small for a worker process and the worker's pages stay shared.
+        self.manifest_path = manifest.path
+        self.root = manifest.root
+        self.lines = rows.index.to_numpy(np.int64) + 2  # manifest lines (line 1 is the header)
+        read = [
+            "image",
+            *(twins or []),
+            *(c for c in rows.columns if c.startswith(("mask:", "box:"))),
+        ]
+        self.cells = {column: _utf8(rows[column]) for column in read if column in rows.columns}
+        self.labels = np.array([index[v] for v in rows["label"]], dtype=np.int64)
         group_index = {g: i for i, g in enumerate(groups or [])}
-        self.groups = [group_index.get(g, -1) for g in rows["group"]]
+        self.groups = np.array([group_index.get(g, -1) for g in rows["group"]], dtype=np.int64)
         self.frame = frame
         self.regions = list(regions or [])
         self.twins = list(twins or [])
         self.protected = list(protected or [])
         self.skip_bad = skip_bad
+        self.uint8_pixels = uint8_pixels
         # Items decoded once are kept (images as uint8) when the whole split fits in cache_bytes:
         # training reads a small split every epoch; a large one is streamed, never held.
         height, width = getattr(frame, "frame", (0, 0))
@@ -99,31 +115,34 @@ class FrameDataset(Dataset):
             len(self.regions) + bool(self.protected)
         )
         self.cache: dict[int, dict[str, Any]] | None = (
-            {} if 0 < per_item * len(self.records) <= cache_bytes else None
+            {} if 0 < per_item * len(rows) <= cache_bytes else None
         )
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.lines)
+
+    def cell(self, i: int, column: str) -> str:
+        """The manifest's value in column `column` of row i ("" where empty or absent)."""
+        values = self.cells.get(column)
+        return "" if values is None else values[i].decode("utf-8")
 
     def _read(self, i: int, column: str, mode: str = "RGB") -> Tensor:
-        value = self.records[i][column]
-        path = self.manifest.resolve(value)
+        path = self.root / self.cell(i, column)
         try:
             return read_image(str(path), mode)
         except (OSError, SyntaxError, ValueError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ImageDecodeError(
-                f"{path} (manifest line {manifest_line(self.rows, i)}, {column}): "
+                f"{path} (manifest line {self.lines[i]}, {column}): "
                 f"cannot decode the image: {reason}"
             ) from None
 
     def _region(self, i: int, name: str, size: tuple[int, int]) -> Tensor | None:
         """The region's mask in the original image's pixels, or None where the row has none."""
-        record = self.records[i]
-        if record.get(f"mask:{name}"):
+        if self.cell(i, f"mask:{name}"):
             return self._read(i, f"mask:{name}", "L")[0] > 0
-        if record.get(f"box:{name}"):
-            x0, y0, x1, y1 = parse_box(record[f"box:{name}"])
+        if box := self.cell(i, f"box:{name}"):
+            x0, y0, x1, y1 = parse_box(box)
             mask = torch.zeros(size, dtype=torch.bool)
             top, left = round(y0), round(x0)
             mask[top : max(round(y1), top + 1), left : max(round(x1), left + 1)] = True
@@ -132,7 +151,7 @@ class FrameDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.cache is not None and i in self.cache:
-            return _from_cache(self.cache[i])
+            return self.cache[i] if self.uint8_pixels else _from_cache(self.cache[i])
         try:
             item = self._item(i)
         except ImageDecodeError:
@@ -140,7 +159,7 @@ class FrameDataset(Dataset):
                 raise
             item = self._blank(i)
         if self.cache is not None:
-            self.cache[i] = _to_cache(item)
+            self.cache[i] = item if self.uint8_pixels else _to_cache(item)
         return item
 
     def _item(self, i: int) -> dict[str, Any]:
@@ -150,9 +169,9 @@ class FrameDataset(Dataset):
         h, w = image.shape[1:]
         item: dict[str, Any] = {
             "index": i,
-            "image": image.float() / 255,
-            "label": self.labels[i],
-            "group": self.groups[i],
+            "image": self._pixels(image),
+            "label": int(self.labels[i]),
+            "group": int(self.groups[i]),
             "ok": True,
         }
         masks: dict[str, Tensor | None] = {}
@@ -176,8 +195,8 @@ class FrameDataset(Dataset):
         if self.twins:
             twins, present = [], []
             for column in self.twins:
-                if self.records[i].get(column):
-                    twins.append(self.frame.geometry(self._read(i, column)).float() / 255)
+                if self.cell(i, column):
+                    twins.append(self._pixels(self.frame.geometry(self._read(i, column))))
                     present.append(True)
                 else:
                     twins.append(torch.zeros_like(item["image"]))
@@ -186,6 +205,10 @@ class FrameDataset(Dataset):
             item["twins_present"] = torch.tensor(present)
         return item
 
+    def _pixels(self, image: Tensor) -> Tensor:
+        """A decoded uint8 image as the items carry it: uint8, or float in [0, 1]."""
+        return image if self.uint8_pixels else image.float() / 255
+
     def _blank(self, i: int) -> dict[str, Any]:
         """A placeholder for an image that failed to decode (with skip_bad): marked not ok."""
         probe = next(
@@ -193,10 +216,11 @@ class FrameDataset(Dataset):
             None,
         )
         if probe is None:
-            raise ImageDecodeError(f"{self.manifest.path}: no image of the split can be decoded")
+            raise ImageDecodeError(f"{self.manifest_path}: no image of the split can be decoded")
         item = self._item(probe)
         zeros = {k: torch.zeros_like(v) if isinstance(v, Tensor) else v for k, v in item.items()}
-        zeros |= {"index": i, "label": self.labels[i], "group": self.groups[i], "ok": False}
+        zeros |= {"index": i, "label": int(self.labels[i]), "group": int(self.groups[i])}
+        zeros["ok"] = False
         if "twins_present" in zeros:
             zeros["twins_present"] = torch.zeros_like(item["twins_present"])
         return zeros
@@ -207,6 +231,16 @@ class FrameDataset(Dataset):
             return True
         except ImageDecodeError:
             return False
+
+
+def _utf8(column: pd.Series) -> np.ndarray:
+    """A column of strings as one fixed-width UTF-8 byte array.
+
+    A list of per-row dicts would hold a Python object per cell; forked DataLoader workers touch
+    their reference counts (and the garbage collector their headers) and so copy those pages, each
+    worker growing with the data set. One array holds no object per row and stays shared.
+    """
+    return np.array([str(value).encode("utf-8") for value in column], dtype=np.bytes_)
 
 
 _PIXELS = ("image", "twins")

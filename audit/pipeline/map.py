@@ -10,6 +10,7 @@ run resumes by skipping the shards already written.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from audit.explain import explain_many, mask_boxes
 from audit.explain.layers import default_output
 from audit.metrics.attention import region_attention
 from audit.metrics.counterfactual import fill_regions_with_mean
-from audit.pipeline.frames import FrameDataset
+from audit.pipeline.frames import FrameDataset, float_pixels
 
 PROTECTED = "protected"  # union of the protected regions
 CORE = "core"  # union of the core regions
@@ -69,7 +70,7 @@ def map_batch(
     model: nn.Module, spec: MapSpec, batch: dict[str, Tensor], device: torch.device
 ) -> dict[str, np.ndarray]:
     """Per-image columns for one batch (see module docstring); all arithmetic batched in torch."""
-    x = batch["image"].to(device, non_blocking=True)
+    x = float_pixels(batch["image"].to(device, non_blocking=True))
     with _autocast(spec.autocast, device):
         result = explain_many(model, x, ["gradcam"], {"pred": None}, layer=spec.layer)
     heat = result.maps["gradcam", "pred"].float()
@@ -108,7 +109,7 @@ def counterfactual_images(
     """
     device = x.device
     present = batch["twins_present"][:, k].to(device)
-    twins = batch["twins"][:, k].to(device, non_blocking=True)
+    twins = float_pixels(batch["twins"][:, k].to(device, non_blocking=True))
     fallback = x
     if k == 0 and spec.counterfactual_union in regions:
         fallback = fill_regions_with_mean(x, regions[spec.counterfactual_union])
@@ -152,7 +153,10 @@ def loader(
     workers: int,
     device: torch.device,
 ) -> DataLoader:
-    """Decoding and geometry in worker processes, in order, pinned for a GPU."""
+    """Decoding and geometry in worker processes, in order, pinned for a GPU.
+
+    Each worker keeps two batches ready (PyTorch's default): enough to hide decoding behind the
+    model, and no more batches in shared memory than that at large frames."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -160,8 +164,27 @@ def loader(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,
     )
+
+
+def release_free_memory() -> None:
+    """Hand the memory the allocator holds free back to the system (glibc's `malloc_trim`): before
+    DataLoader workers are forked, and after each shard.
+
+    A forked worker shares the audit's heap as it is at the fork, and every page either process
+    then writes is copied: without the trim, the worker forked after a model's map kept a copy of
+    that map's freed activations (637-702 MiB against 388 for the first model's worker, resnet18 at
+    224 px; 384 with it, and the run's peak 1.97 GiB instead of 2.40). After each shard, so that
+    the free space scattered in the heap does not stay resident as a long run goes on. A no-op
+    where the C library has no `malloc_trim`.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -190,6 +213,8 @@ def map_shards(
     if not shards:
         return
     positions = [i for start, end in shards for i in range(start, end)]
+    if workers > 0:
+        release_free_memory()
     batches = iter(loader(Subset(dataset, positions), spec.batch_size, workers, device))
     for start, end in shards:
         parts = []
@@ -201,6 +226,7 @@ def map_shards(
             if on_batch is not None:
                 on_batch(len(batch["index"]))
         yield (start, end), _table(parts)
+        release_free_memory()  # freed activations are not kept resident over a long run
 
 
 def _table(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
