@@ -207,7 +207,7 @@ class FrameDataset(Dataset):
 
     def _pixels(self, image: Tensor) -> Tensor:
         """A decoded uint8 image as the items carry it: uint8, or float in [0, 1]."""
-        return image if self.uint8_pixels else image.float() / 255
+        return image if self.uint8_pixels else float_pixels(image)
 
     def _blank(self, i: int) -> dict[str, Any]:
         """A placeholder for an image that failed to decode (with skip_bad): marked not ok."""
@@ -252,4 +252,4 @@ def _to_cache(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_cache(item: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.float() / 255 if k in _PIXELS else v for k, v in item.items()}
+    return {k: float_pixels(v) if k in _PIXELS else v for k, v in item.items()}
