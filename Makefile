@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo mitigations test lint bench system-deps
+.PHONY: demo mitigations test docs lint bench system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ $(MITIGATION_DATA): | $(STAMP)
 mitigations: $(STAMP) $(MITIGATION_DATA)
 	$(BIN)/audit run examples/mitigations.toml --out reports/mitigations --force
 
+# The documentation site (docs/, mkdocs.yml) into site/; the config reference is generated from the code.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check audit tests benchmarks
+	$(BIN)/ruff format --check audit tests benchmarks docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $$(mktemp -d)
 	$(BIN)/pytest
 
 bench: $(STAMP)

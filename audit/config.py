@@ -88,22 +88,22 @@ class PreprocessConfig:
     crop: int | list[int] | None = None  # center crop
     mode: str = ""  # "squash" | "crop" | "pad"
     interpolation: str = ""  # "bilinear" | "bicubic" | "nearest"
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[float] | None = None  # per input channel, subtracted from [0, 1] pixels
+    std: list[float] | None = None  # per input channel, divides after the mean
     backend: str = ""  # "pil" (torchvision / timm on PIL images) | "torch" (transformers)
 
 
 @dataclass
 class ModelConfig:
-    name: str = ""
+    name: str = ""  # required; names the model in the report and in metrics.json
     arch: str = "small_cnn"  # small_cnn | torchvision name | timm:NAME | hf:FOLDER | python:MOD:FN
     train_split: str = ""
     checkpoint: str = ""
     trust: bool = False
     layer: str = ""
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 3e-3
+    epochs: int = 10  # training epochs (AdamW, one-cycle schedule)
+    batch_size: int = 64  # training batch size
+    lr: float = 3e-3  # peak learning rate of the one-cycle schedule
     init: str = ""  # training starts from: "" (random), a state dict PATH, or "pretrained"
     kwargs: dict = field(default_factory=dict)  # passed to timm / torchvision / python: factories
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -111,13 +111,13 @@ class ModelConfig:
     # jtt | right_reasons | attention_penalty, and their hyperparameters (defaults chosen on the
     # doctor/nurse val split; where each comes from: MitigationConfig's docstring, whose defaults
     # these are).
-    mitigation: str = "none"
-    dro_eta: float = MitigationConfig.dro_eta
-    dro_weight_decay: float = MitigationConfig.dro_weight_decay
-    jtt_epochs: int = MitigationConfig.jtt_epochs
-    jtt_upweight: float = MitigationConfig.jtt_upweight
-    rrr_lambda: float = MitigationConfig.rrr_lambda
-    attention_lambda: float = MitigationConfig.attention_lambda
+    mitigation: str = "none"  # how to train: see "Mitigations"
+    dro_eta: float = MitigationConfig.dro_eta  # group_dro: step size of the online group weights
+    dro_weight_decay: float = MitigationConfig.dro_weight_decay  # group_dro: weight decay
+    jtt_epochs: int = MitigationConfig.jtt_epochs  # jtt: epochs of the first (error-finding) model
+    jtt_upweight: float = MitigationConfig.jtt_upweight  # jtt: weight of the first model's errors
+    rrr_lambda: float = MitigationConfig.rrr_lambda  # right_reasons: input-gradient penalty
+    attention_lambda: float = MitigationConfig.attention_lambda  # attention_penalty: penalty weight
     attention_layer: str = ""  # "" in TOML; MitigationConfig's None (the last feature map)
 
     def mitigation_config(self) -> MitigationConfig:
@@ -136,10 +136,10 @@ class ModelConfig:
 
 @dataclass
 class ExplainConfig:
-    methods: list[str] = field(default_factory=lambda: ["gradcam", "guided_gradcam"])
+    methods: list[str] = field(default_factory=lambda: ["gradcam", "guided_gradcam"])  # see below
     samples_per_cell: int = 8
     mistakes_per_cell: int = 4  # most confident mistakes shown per cell; the rest in mistakes.csv
-    batch_size: int = 128
+    batch_size: int = 128  # images per forward pass of the map and the gallery
 
 
 @dataclass

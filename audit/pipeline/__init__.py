@@ -1,0 +1,1 @@
+"""The audit pipeline: frames -> map -> gallery -> trust -> reduce, and the run folder."""
