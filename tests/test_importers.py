@@ -21,6 +21,7 @@ from audit.data.import_cli import import_
 from audit.data.importers import (
     BinaryAttribute,
     ImporterError,
+    TableSpec,
     import_imagefolder,
     import_table,
     read_attribute_table,
@@ -132,8 +133,7 @@ def test_imagefolder_chosen_columns_and_binary_attribute(imagefolder: Path, tmp_
     result = import_imagefolder(
         imagefolder,
         attributes=tmp_path / "flags.csv",
-        group_columns=[],
-        group_from=["sex=Male:female,male"],
+        spec=TableSpec(group_columns=[], group_from=["sex=Male:female,male"]),
         out=imagefolder / "by_sex.csv",
     )
     table = read(result.manifest)
@@ -216,10 +216,9 @@ def test_csv_table_with_label_and_group_columns(tmp_path: Path):
     )
     result = import_table(
         tmp_path / "faces.csv",
-        image_column="file",
-        label_column="job",
-        group_columns="gender,race",
-        split_column="part",
+        spec=TableSpec(
+            key="file", label_column="job", group_columns="gender,race", split_column="part"
+        ),
     )
     table = read(result.manifest)
     assert result.manifest == tmp_path / "manifest.csv"
