@@ -675,6 +675,7 @@ def import_imagefolder(
     if not root.is_dir():
         raise ImporterError(f"{root}: not a folder (an ImageFolder root: one folder per class)")
     manifest = _manifest_path(Path(out) if out else None, root, overwrite)
+    spec.split_sources(layout=layout == "split/class")  # before scanning: the options conflict
     layout, files = _folder_layout(root, layout)
     sources = spec.split_sources(layout=layout == "split/class")
     if spec.split_column and attributes is None:
@@ -711,8 +712,8 @@ def import_imagefolder(
         warnings += notes
     if attributes is not None:
         table = read_attribute_table(attributes)
-        _unused_split_column(table, spec, sources)
         matched, notes = _join(table, spec.key, names)
+        _unused_split_column(table, spec, sources)
         warnings += notes
         origins = [
             f"{o} ({table.origin(m)})" if m is not None else o
@@ -975,8 +976,8 @@ def import_coco(
     origins = [origin(i) for i in ids]
     images_rel = [_relative(image_dir / name, manifest, "image") for name in names]
     attr = read_attribute_table(table)
-    _unused_split_column(attr, spec, sources)
     matched, warnings = _join(attr, spec.key, names)
+    _unused_split_column(attr, spec, sources)
     columns, table_problems = _labels_and_groups(attr, spec)
     clash = [c for c in columns.columns if c.startswith("mask:") and c[5:] in region_names]
     if clash:
