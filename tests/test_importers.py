@@ -577,6 +577,18 @@ def test_table_label_and_split_must_agree_with_the_folders(split_tree: Path, tmp
     )
 
 
+def test_split_class_warns_of_missing_classes_and_loose_images(split_tree: Path):
+    for file in (split_tree / "test" / "nurse").iterdir():
+        file.unlink()
+    (split_tree / "test" / "nurse").rmdir()
+    image(split_tree / "stray.png", (8, 8), 1)
+    result = invoke("imagefolder", split_tree)
+    assert result.exit_code == 0, result.output
+    assert "split 'test' has no images of class 'nurse'" in result.output
+    assert "1 image(s) directly in" in result.output and "stray.png" in result.output
+    assert len(read(split_tree / "manifest.csv")) == 6
+
+
 def test_ambiguous_two_level_tree_is_refused_with_the_flag(tmp_path: Path):
     for site in ("site_a", "site_b"):
         for job in ("doctor", "nurse"):

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -596,26 +597,18 @@ def _folder_layout(root: Path, layout: str) -> tuple[str, list[tuple[str, str, P
     "class": ROOT/<class>/**/<image>. "split/class": ROOT/<split>/<class>/**/<image>. "auto"
     takes split/class where every top-level folder is named like a split (train, val, test,
     train_biased, ...) and holds only class folders, class otherwise, and refuses (naming
-    --layout) a tree that could be either: split-like top-level names, or class folders that
-    repeat under every top-level folder.
+    --layout) a tree that could be either: split-like top-level names, or top-level folders that
+    hold only folders, some of them under more than one top-level folder.
     """
     if layout not in LAYOUTS:
         raise ImporterError(f"--layout {layout!r}: choose from {', '.join(LAYOUTS)}")
     tops = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     found = {t: files for t in tops if (files := _images_below(root / t, root))}
-    inner = {
-        t: {p.relative_to(root).parts[1] for p in f if len(p.relative_to(root).parts) > 2}
-        for t, f in found.items()
-    }
-    two_level = bool(found) and all(
-        all(len(p.relative_to(root).parts) > 2 for p in files) for files in found.values()
-    )
+    parts = {t: [p.relative_to(root).parts for p in files] for t, files in found.items()}
+    two_level = bool(found) and all(len(q) > 2 for ps in parts.values() for q in ps)
+    inner = Counter(c for ps in parts.values() for c in {q[1] for q in ps if len(q) > 2})
+    repeated = sorted(c for c, n in inner.items() if n > 1)
     split_named = [t for t in found if SPLIT_LIKE.fullmatch(t)]
-    repeated = (
-        sorted(c for c in set().union(*inner.values()) if sum(c in s for s in inner.values()) > 1)
-        if inner
-        else []
-    )
     if layout == "auto":
         if two_level and split_named and len(split_named) == len(found):
             layout = "split/class"
@@ -699,12 +692,19 @@ def import_imagefolder(
     origins = [str(p) for _, _, p in files]
     warnings: list[str] = []
     problems: list[str] = []
+    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        warnings.append(
+            f"{len(loose)} image(s) directly in {root} are in no class folder and left out "
+            f"(first: {', '.join(sorted(loose)[:3])})"
+        )
     if layout == "split/class":
+        cells = set(zip(splits, labels, strict=True))
         warnings += [
             f"split {s!r} has no images of class {c!r}"
             for s in sorted(set(splits))
             for c in used
-            if (s, c) not in set(zip(splits, labels, strict=True))
+            if (s, c) not in cells
         ]
     if spec.partition is not None:
         splits, found, notes = _partition_splits(spec.partition, names, origins)
