@@ -1,7 +1,9 @@
 """Importers: write a manifest for data in common layouts, beside the data, touching nothing else.
 
 - `import_imagefolder(ROOT)`: torchvision's ImageFolder layout (class = top-level folder name,
-  images at any depth below it), optionally joined with an attribute table.
+  images at any depth below it) or ROOT/<split>/<class>/ (recognised where every top-level folder
+  is named like a split, refused naming --layout where the tree could be either), optionally
+  joined with an attribute table.
 - `import_table(TABLE)`: an attribute table - CSV (FairFace, UTKFace-as-CSV style) or CelebA's
   whitespace layout (`list_attr_celeba.txt`: a count, the attribute names, then `file v1 v2 ...`
   with -1/1) - with the label and protected attributes taken from its columns.
@@ -9,9 +11,18 @@
   RLE) turned into one mask PNG per image and region, in a new folder beside the file; labels and
   attributes from a joined table.
 
+What each reads from a table is a `TableSpec`: the key, the label, the attributes and one source of
+the split (`--split`, `--split-column`, CelebA's `list_eval_partition.txt` via `--partition`, or
+the split/class layout). A table's own manifest columns (`group:*`, `twin`, `twin:*`, `mask:*`,
+`box:*`) are carried into the manifest, paths made relative to it.
+
 Manifest columns written: `image`, `label`, `split`, one `group:<attribute>` per protected
-attribute, one `mask:<region>` per region. Paths are relative to the manifest's folder, which must
-lie above every file it names.
+attribute, the carried columns, one `mask:<region>` per COCO region. Paths are relative to the
+manifest's folder, which must lie above every file it names.
+
+The importers refuse to guess: a key that names no image, a table `split` column nothing asks for,
+a table `label` or `split` that disagrees with the folders, two sources of the split, an ambiguous
+folder tree are errors naming the file, line or option.
 
 Every importer checks its inputs before writing, then writes the manifest under a temporary name,
 validates it as `audit data validate` does (`audit.data.manifest.validate`) and only then moves it
