@@ -640,6 +640,7 @@ def test_one_split_with_the_whole_table(split_tree: Path, tmp_path: Path):
         result, tmp_path, before, "--key: no value of people.csv's column 'path'"
     )
     assert "'train/doctor/train_doctor_0.png'" in line and "'doctor/test_doctor_0.png'" in line
+    assert "they start with 'test/'" in line
     result = invoke("imagefolder", one, "--attributes", people, "--key", "file")
     assert_bad_input(result, tmp_path, before, "'split' column", "--split-column split")
     result = invoke("imagefolder", one, "--attributes", people, "--key", "file", "--split", "train")
@@ -840,3 +841,18 @@ def test_coco_table_masks_clash_with_regions(coco: dict):
         "job",
     )
     assert_bad_input(result, root, before, "column 'mask:hair' and --regions both give")
+
+
+def test_imagefolder_partition_and_table_split_column_refusal(imagefolder: Path, tmp_path: Path):
+    (tmp_path / "part.txt").write_text("a.png 0\nb.jpg 1\nc.png 2\nd.png 2\nnot_here.png 0\n")
+    result = invoke("imagefolder", imagefolder, "--partition", tmp_path / "part.txt")
+    assert result.exit_code == 0, result.output
+    assert "1 row(s) of part.txt match no image" in result.output
+    assert read(imagefolder / "manifest.csv")["split"].tolist() == ["train", "val", "test", "test"]
+    (tmp_path / "t.csv").write_text("image,job,split\ndoctor/a.png,doctor,train\n")
+    image(tmp_path / "doctor" / "a.png", (8, 8), 1)
+    before = snapshot(tmp_path)
+    result = invoke("table", tmp_path / "t.csv", "--label-column", "job")
+    assert_bad_input(result, tmp_path, before, "t.csv has a 'split' column", "--split-column split")
+    result = invoke("table", tmp_path / "t.csv", "--label-column", "job", "--split", "test")
+    assert_bad_input(result, tmp_path, before, "column split: 'train' but the split (--split) is")

@@ -460,6 +460,7 @@ def _join(
             f"{option}: no value of {table.path.name}'s column {key!r} names one of the "
             f"{len(images)} images (its first value {first!r}, the first image {images[0]!r}); "
             "a key is a path relative to the image folder or a file name unique in it"
+            + _prefix_hint(table.frame[key], by_path)
         )
     warnings = []
     if unmatched:
@@ -468,6 +469,21 @@ def _join(
             f"(first: {', '.join(unmatched[:3])})"
         )
     return matched, warnings
+
+
+def _prefix_hint(keys: pd.Series, by_path: Mapping[str, int]) -> str:
+    """Where keys are paths from a folder above the images (e.g. the whole tree's table joined to
+    one split folder), say which prefix they carry."""
+    for value in keys.head(1000):
+        parts = value.replace("\\", "/").removeprefix("./").split("/")
+        for cut in range(1, len(parts)):
+            if "/".join(parts[cut:]) in by_path:
+                prefix = "/".join(parts[:cut])
+                return (
+                    f"; the keys look like paths from a folder above (they start with "
+                    f"'{prefix}/'): import that folder, or join on a column of file names"
+                )
+    return ""
 
 
 # -- CelebA's list_eval_partition.txt -------------------------------------------------------------
