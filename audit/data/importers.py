@@ -279,11 +279,11 @@ class TableSpec:
 
 RESERVED = ("image", "label", "split", "twin")  # manifest columns never read as attributes
 CARRIED = ("twin:", "mask:", "box:")  # manifest columns a table may hold, copied as they are
-PATH_COLUMNS = ("twin", "twin:", "mask:")  # of these, the ones holding image paths
 
 
 def _is_path_column(column: str) -> bool:
-    return column == "twin" or column.startswith(PATH_COLUMNS[1:])
+    """Carried columns holding image paths (rewritten relative to the manifest)."""
+    return column == "twin" or column.startswith(("twin:", "mask:"))
 
 
 # -- labels and attributes ----------------------------------------------------------------------
