@@ -776,13 +776,15 @@ def test_celeba_partition_problems(celeba: Path):
         ["--split", "test", "--split-column", "sex"],
         ["--split", "test", "--partition", "p.txt"],
         ["--layout", "split/class", "--split", "test"],
+        ["--layout", "splits"],
     ],
 )
 def test_one_split_source_only(imagefolder: Path, options: list[str]):
     before = snapshot(imagefolder)
     args = ["--attributes", imagefolder / "attributes.csv", *options]
     result = invoke("imagefolder", imagefolder, *args)
-    line = assert_bad_input(result, imagefolder, before, "each give the split: give one of them")
+    expected = "choose from auto, class" if "splits" in options else "each give the split"
+    line = assert_bad_input(result, imagefolder, before, expected)
     assert len(result.output.strip().splitlines()) == 1, line
 
 

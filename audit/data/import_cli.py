@@ -131,10 +131,9 @@ def import_() -> None:
 )
 @click.option(
     "--layout",
-    type=click.Choice(["auto", "class", "split/class"]),
     default="auto",
     show_default=True,
-    help="ROOT/<class>/<image>, or ROOT/<split>/<class>/<image>; auto takes split/class only "
+    help="auto, class (ROOT/<class>/<image>) or split/class (ROOT/<split>/<class>/<image>); auto takes split/class only "
     "where every top-level folder is named like a split and holds class folders, and refuses a "
     "tree that could be either.",
 )

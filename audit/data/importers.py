@@ -627,8 +627,6 @@ def _folder_layout(root: Path, layout: str) -> tuple[str, list[tuple[str, str, P
     --layout) a tree that could be either: split-like top-level names, or top-level folders that
     hold only folders, some of them under more than one top-level folder.
     """
-    if layout not in LAYOUTS:
-        raise ImporterError(f"--layout {layout!r}: choose from {', '.join(LAYOUTS)}")
     tops = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     found = {t: files for t in tops if (files := _images_below(root / t, root))}
     parts = {t: [p.relative_to(root).parts for p in files] for t, files in found.items()}
@@ -690,6 +688,8 @@ def import_imagefolder(
     """
     spec = spec or TableSpec()
     root = Path(root)
+    if layout not in LAYOUTS:
+        raise ImporterError(f"--layout {layout!r}: choose from {', '.join(LAYOUTS)}")
     if not root.exists():
         raise ImporterError(f"image folder not found: {root}")
     if not root.is_dir():
