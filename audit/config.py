@@ -85,7 +85,7 @@ class PreprocessConfig:
     normalisation. Resolved and checked by audit.data.preprocess.resolve_preprocess."""
 
     resize: int | list[int] | None = None  # int: the shorter side ("crop" mode); or [h, w]
-    crop: int | list[int] | None = None  # center crop
+    crop: int | list[int] | bool | None = None  # center crop; false: none, the whole image
     mode: str = ""  # "squash" | "crop" | "pad"
     interpolation: str = ""  # "bilinear" | "bicubic" | "nearest"
     mean: list[float] | None = None  # per input channel, subtracted from [0, 1] pixels

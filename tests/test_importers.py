@@ -21,6 +21,7 @@ from audit.data.import_cli import import_
 from audit.data.importers import (
     BinaryAttribute,
     ImporterError,
+    TableSpec,
     import_imagefolder,
     import_table,
     read_attribute_table,
@@ -132,8 +133,7 @@ def test_imagefolder_chosen_columns_and_binary_attribute(imagefolder: Path, tmp_
     result = import_imagefolder(
         imagefolder,
         attributes=tmp_path / "flags.csv",
-        group_columns=[],
-        group_from=["sex=Male:female,male"],
+        spec=TableSpec(group_columns=[], group_from=["sex=Male:female,male"]),
         out=imagefolder / "by_sex.csv",
     )
     table = read(result.manifest)
@@ -216,10 +216,9 @@ def test_csv_table_with_label_and_group_columns(tmp_path: Path):
     )
     result = import_table(
         tmp_path / "faces.csv",
-        image_column="file",
-        label_column="job",
-        group_columns="gender,race",
-        split_column="part",
+        spec=TableSpec(
+            key="file", label_column="job", group_columns="gender,race", split_column="part"
+        ),
     )
     table = read(result.manifest)
     assert result.manifest == tmp_path / "manifest.csv"
@@ -500,3 +499,362 @@ def test_table_problems_name_their_lines(celeba: Path):
         "list_attr_celeba.txt line 5, label: empty label",
         "3 problem(s) above; nothing written",
     )
+
+
+# -- issue 24: split/class trees, keys, twins and boxes, splits for every importer ---------------
+@pytest.fixture
+def split_tree(tmp_path: Path) -> Path:
+    """ROOT/<split>/<class>/<image> with a whole-data table: file, label, split, sex, twins, box."""
+    root = tmp_path / "data"
+    rows = ["file,label,split,sex,twin:sex,box:person"]
+    for s, split in enumerate(["train", "test"]):
+        for c, job in enumerate(["doctor", "nurse"]):
+            for k in range(2):
+                name = f"{split}_{job}_{k}.png"
+                image(root / split / job / name, (20, 16), 20 * s + 10 * c + k)
+                image(tmp_path / "twins" / f"sex_{name}", (20, 16), 100 + k)
+                sex = "female" if k else "male"  # twins beside the tree: paths relative to ROOT
+                rows.append(f"{name},{job},{split},{sex},../twins/sex_{name},2 3 12 14")
+    (tmp_path / "people.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_split_class_tree_is_recognised_and_the_table_checked(split_tree: Path, tmp_path: Path):
+    result = invoke(
+        "imagefolder",
+        split_tree,
+        "--attributes",
+        tmp_path / "people.csv",
+        "--key",
+        "file",
+        "--out",
+        tmp_path / "manifest.csv",
+    )
+    assert result.exit_code == 0, result.output
+    assert "layout: split/class" in result.output
+    table = read(tmp_path / "manifest.csv")
+    assert list(table.columns) == ["image", "label", "split", "group:sex", "twin:sex", "box:person"]
+    expected = pd.read_csv(tmp_path / "people.csv", dtype=str)  # independent: from the table
+    expected["image"] = (
+        "data/" + expected["split"] + "/" + expected["label"] + "/" + expected["file"]
+    )
+    expected = expected.sort_values("image").reset_index(drop=True)
+    assert table["image"].tolist() == expected["image"].tolist()
+    assert table["label"].tolist() == expected["label"].tolist()
+    assert table["split"].tolist() == expected["split"].tolist()
+    assert table["group:sex"].tolist() == expected["sex"].tolist()
+    assert table["twin:sex"].tolist() == expected["twin:sex"].str.removeprefix("../").tolist()
+    assert set(table["box:person"]) == {"2 3 12 14"}
+    assert validate(tmp_path / "manifest.csv") == []
+
+
+def test_table_label_and_split_must_agree_with_the_folders(split_tree: Path, tmp_path: Path):
+    people = tmp_path / "people.csv"
+    text = people.read_text().replace(
+        "train_doctor_1.png,doctor,train", "train_doctor_1.png,nurse,test"
+    )
+    people.write_text(text)
+    before = snapshot(tmp_path)
+    result = invoke(
+        "imagefolder",
+        split_tree,
+        "--attributes",
+        people,
+        "--key",
+        "file",
+        "--layout",
+        "split/class",
+        "--out",
+        tmp_path / "manifest.csv",
+    )
+    assert_bad_input(
+        result,
+        tmp_path,
+        before,
+        "people.csv line 3, column label: 'nurse' but the class folder is 'doctor'",
+        "people.csv line 3, column split: 'test' but the split (--layout split/class) is 'train'",
+        "2 problem(s) above",
+    )
+
+
+def test_split_class_warns_of_missing_classes_and_loose_images(split_tree: Path):
+    for file in (split_tree / "test" / "nurse").iterdir():
+        file.unlink()
+    (split_tree / "test" / "nurse").rmdir()
+    image(split_tree / "stray.png", (8, 8), 1)
+    result = invoke("imagefolder", split_tree)
+    assert result.exit_code == 0, result.output
+    assert "split 'test' has no images of class 'nurse'" in result.output
+    assert "1 image(s) directly in" in result.output and "stray.png" in result.output
+    assert len(read(split_tree / "manifest.csv")) == 6
+
+
+def test_ambiguous_two_level_tree_is_refused_with_the_flag(tmp_path: Path):
+    for site in ("site_a", "site_b"):
+        for job in ("doctor", "nurse"):
+            image(tmp_path / site / job / f"{site}_{job}.png", (8, 8), 5)
+    before = snapshot(tmp_path)
+    result = invoke("imagefolder", tmp_path)
+    line = assert_bad_input(result, tmp_path, before, "--layout split/class", "--layout class")
+    assert "doctor, nurse appear under more than one" in line
+    assert invoke("imagefolder", tmp_path, "--layout", "split/class").exit_code == 0
+    assert read(tmp_path / "manifest.csv")["split"].tolist() == ["site_a"] * 2 + ["site_b"] * 2
+    result = invoke("imagefolder", tmp_path, "--layout", "class", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert read(tmp_path / "manifest.csv")["label"].tolist() == ["site_a"] * 2 + ["site_b"] * 2
+
+
+def test_split_named_class_folders_are_refused(tmp_path: Path):
+    image(tmp_path / "train" / "a.png", (8, 8), 1)
+    image(tmp_path / "test" / "b.png", (8, 8), 2)
+    before = snapshot(tmp_path)
+    line = assert_bad_input(invoke("imagefolder", tmp_path), tmp_path, before, "named like splits")
+    assert "test, train" in line and "--layout class" in line
+    line = assert_bad_input(
+        invoke("imagefolder", tmp_path, "--layout", "split/class"), tmp_path, before, "directly in"
+    )
+    assert "train" in line or "test" in line
+    # split/class below, but one top-level folder is not named like a split: auto refuses too
+    (tmp_path / "train" / "a.png").rename(tmp_path / "train" / "x.png")
+    for folder in ("train", "test", "extras"):
+        image(tmp_path / folder / "doctor" / "d.png", (8, 8), 1)
+        image(tmp_path / folder / "nurse" / "n.png", (8, 8), 1)
+    for stray in (tmp_path / "train" / "x.png", tmp_path / "test" / "b.png"):
+        stray.unlink()
+    before = snapshot(tmp_path)
+    line = assert_bad_input(invoke("imagefolder", tmp_path), tmp_path, before, "named like splits")
+    assert "--layout split/class" in line
+
+
+def test_one_split_with_the_whole_table(split_tree: Path, tmp_path: Path):
+    """Keys written from the whole tree's root name nothing under one split: an error, not 8
+    rows with empty attributes; file names join, and the table's split is then checked."""
+    people = tmp_path / "people.csv"
+    table = pd.read_csv(people, dtype=str)
+    table["path"] = table["split"] + "/" + table["label"] + "/" + table["file"]
+    table.drop(columns=["twin:sex"]).to_csv(people, index=False)
+    one = split_tree / "test"
+    before = snapshot(tmp_path)
+    result = invoke("imagefolder", one, "--attributes", people, "--key", "path", "--split", "test")
+    line = assert_bad_input(
+        result, tmp_path, before, "--key: no value of people.csv's column 'path'"
+    )
+    assert "'train/doctor/train_doctor_0.png'" in line and "'doctor/test_doctor_0.png'" in line
+    assert "they start with 'test/'" in line
+    result = invoke("imagefolder", one, "--attributes", people, "--key", "file")
+    assert_bad_input(result, tmp_path, before, "'split' column", "--split-column split")
+    result = invoke("imagefolder", one, "--attributes", people, "--key", "file", "--split", "train")
+    assert_bad_input(result, tmp_path, before, "but the split (--split) is 'train'")
+    result = invoke("imagefolder", one, "--attributes", people, "--key", "file", "--split", "test")
+    assert result.exit_code == 0, result.output
+    assert "4 row(s) of people.csv match no image" in result.output
+    written = read(one / "manifest.csv")
+    assert written["group:sex"].tolist() == ["male", "female"] * 2
+    assert set(written["split"]) == {"test"} and "group:path" in written.columns
+
+
+def test_split_column_for_imagefolder_needs_a_row_per_image(imagefolder: Path, tmp_path: Path):
+    (tmp_path / "parts.csv").write_text("image,part\na.png,train\nb.jpg,test\nc.png,test\nd.png,\n")
+    before = snapshot(imagefolder)
+    args = ["--attributes", tmp_path / "parts.csv", "--split-column", "part"]
+    result = invoke("imagefolder", imagefolder, *args)
+    assert_bad_input(result, imagefolder, before, "parts.csv line 5, column part: empty split")
+    (tmp_path / "parts.csv").write_text("image,part\na.png,train\nb.jpg,test\nd.png,val\n")
+    result = invoke("imagefolder", imagefolder, *args)
+    assert_bad_input(result, imagefolder, before, "nurse/c.png: no row in parts.csv, so no split")
+    (tmp_path / "parts.csv").write_text(
+        "image,part\na.png,train\nb.jpg,test\nc.png,test\nd.png,val\n"
+    )
+    result = invoke("imagefolder", imagefolder, *args)
+    assert result.exit_code == 0, result.output
+    table = read(imagefolder / "manifest.csv")
+    assert table["split"].tolist() == ["train", "test", "test", "val"]
+    assert list(table.columns) == ["image", "label", "split"]  # the split column is no attribute
+
+
+def test_table_import_carries_twins_and_boxes(tmp_path: Path):
+    images = tmp_path / "imgs"
+    for name in ["p/1.png", "p/2.png", "twins/1_sex.png", "twins/2_sex.png"]:
+        image(images / name, (10, 10), len(name))
+    (tmp_path / "t.csv").write_text(
+        "file,job,sex,twin:sex,box:badge,mask:face\n"
+        "p/1.png,doctor,female,twins/1_sex.png,1 1 5 5,\n"
+        "p/2.png,nurse,male,twins/2_sex.png,,twins/1_sex.png\n"
+    )
+    result = import_table(
+        tmp_path / "t.csv",
+        spec=TableSpec(key="file", label_column="job", group_columns="sex", split="test"),
+        images=images,
+        out=tmp_path / "manifest.csv",
+    )
+    table = read(result.manifest)
+    assert table.to_dict("list") == {
+        "image": ["imgs/p/1.png", "imgs/p/2.png"],
+        "label": ["doctor", "nurse"],
+        "split": ["test", "test"],
+        "group:sex": ["female", "male"],
+        "twin:sex": ["imgs/twins/1_sex.png", "imgs/twins/2_sex.png"],
+        "box:badge": ["1 1 5 5", ""],
+        "mask:face": ["", "imgs/twins/1_sex.png"],
+    }
+    from audit.data.manifest import read_manifest
+
+    loaded = read_manifest(result.manifest)
+    assert loaded.twin_columns == {"sex": "twin:sex"} and loaded.regions == ["badge", "face"]
+
+
+def test_table_twin_problems_name_the_table_line(tmp_path: Path):
+    image(tmp_path / "a.png", (10, 10), 1)
+    image(tmp_path / "b.png", (10, 10), 2)
+    image(tmp_path / "small.png", (6, 6), 2)
+    (tmp_path / "t.csv").write_text(
+        "image,job,group:sex,twin:sex,twin:age,box:x\n"
+        "a.png,doctor,f,gone.png,,0 0 11 4\nb.png,nurse,m,small.png,a.png,\n"
+    )
+    before = snapshot(tmp_path)
+    result = invoke("table", tmp_path / "t.csv", "--label-column", "job")
+    assert_bad_input(
+        result,
+        tmp_path,
+        before,
+        "t.csv line 2, twin:sex: file not found: gone.png",
+        "t.csv line 3, twin:sex: small.png is 6x6 but the image is 10x10",
+        "t.csv line 2, box:x: box '0 0 11 4' lies outside the 10x10 image",
+        "column 'twin:age' gives twins for attribute 'age', which has no 'group:age' column",
+    )
+
+
+CELEBA_PARTITION = "000001.jpg 0\n000002.jpg 0\n000003.jpg 1\n000004.jpg 2\n000005.jpg 2\n"
+
+
+@pytest.mark.parametrize("form", ["txt", "csv"])
+def test_celeba_partition_gives_the_splits(celeba: Path, form: str):
+    folder = celeba.parent.parent
+    if form == "txt":
+        partition = folder / "Eval" / "list_eval_partition.txt"
+        partition.parent.mkdir()
+        partition.write_text(CELEBA_PARTITION)
+    else:  # the CSV form of the same file (Kaggle's list_eval_partition.csv)
+        partition = folder / "list_eval_partition.csv"
+        partition.write_text("image_id,partition\n" + CELEBA_PARTITION.replace(" ", ","))
+    images = folder / "img_align_celeba"
+    args = ["--images", images, "--label-from", "Eyeglasses", "--group-from", "Male"]
+    result = invoke("table", celeba, *args, "--partition", partition)
+    assert result.exit_code == 0, result.output
+    expected = dict(line.split() for line in CELEBA_PARTITION.splitlines())
+    names = {"0": "train", "1": "val", "2": "test"}
+    table = read(images / "manifest.csv")
+    assert table["split"].tolist() == [names[expected[f]] for f in table["image"]]
+    assert table["split"].tolist() == ["train", "train", "val", "test", "test"]
+
+
+def test_celeba_partition_problems(celeba: Path):
+    folder = celeba.parent.parent
+    partition = folder / "list_eval_partition.txt"
+    partition.write_text(
+        CELEBA_PARTITION.replace("000003.jpg 1", "000003.jpg 3").replace("000005.jpg 2\n", "")
+    )
+    images = folder / "img_align_celeba"
+    args = ["--images", images, "--label-from", "Eyeglasses", "--partition", partition]
+    before = snapshot(folder)
+    assert_bad_input(
+        invoke("table", celeba, *args),
+        folder,
+        before,
+        "list_eval_partition.txt line 3: partition '3' is not 0, 1 or 2",
+        "list_attr_celeba.txt line 7: not in list_eval_partition.txt, so no split",
+    )
+    partition.write_text("000001.jpg 0 extra\n")
+    before = snapshot(folder)
+    line = assert_bad_input(invoke("table", celeba, *args), folder, before, "line 1: 3 fields")
+    assert line.startswith("error: --partition:")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--split", "test", "--split-column", "sex"],
+        ["--split", "test", "--partition", "p.txt"],
+        ["--layout", "split/class", "--split", "test"],
+        ["--layout", "splits"],
+    ],
+)
+def test_one_split_source_only(imagefolder: Path, options: list[str]):
+    before = snapshot(imagefolder)
+    args = ["--attributes", imagefolder / "attributes.csv", *options]
+    result = invoke("imagefolder", imagefolder, *args)
+    expected = "choose from auto, class" if "splits" in options else "each give the split"
+    line = assert_bad_input(result, imagefolder, before, expected)
+    assert len(result.output.strip().splitlines()) == 1, line
+
+
+def test_coco_split_column_and_partition(coco: dict):
+    root = coco["root"]
+    (root / "people.csv").write_text(
+        "image,job,sex,part\none.png,doctor,female,train\ntwo.png,nurse,male,test\n"
+    )
+    base = [
+        "--regions",
+        "hair=12,face=3",
+        "--images",
+        root / "images",
+        "--table",
+        root / "people.csv",
+        "--label-column",
+        "job",
+    ]
+    result = invoke("coco", coco["json"], *base, "--split-column", "part")
+    assert result.exit_code == 0, result.output
+    table = read(root / "manifest.csv")
+    assert table["split"].tolist() == ["train", "test"] and "group:part" not in table.columns
+    (root / "partition.txt").write_text("one.png 2\ntwo.png 1\n")
+    (root / "manifest.csv").unlink()
+    for file in (root / "annotations" / "masks").rglob("*.png"):
+        file.unlink()
+    result = invoke(
+        "coco",
+        coco["json"],
+        *base,
+        "--partition",
+        root / "partition.txt",
+        "--masks-dir",
+        root / "masks2",
+    )
+    assert result.exit_code == 0, result.output
+    assert read(root / "manifest.csv")["split"].tolist() == ["test", "val"]
+
+
+def test_coco_table_masks_clash_with_regions(coco: dict):
+    root = coco["root"]
+    (root / "people.csv").write_text(
+        "image,job,mask:hair\none.png,doctor,images/one.png\ntwo.png,nurse,\n"
+    )
+    before = snapshot(root)
+    result = invoke(
+        "coco",
+        coco["json"],
+        "--regions",
+        "hair=12,face=3",
+        "--images",
+        root / "images",
+        "--table",
+        root / "people.csv",
+        "--label-column",
+        "job",
+    )
+    assert_bad_input(result, root, before, "column 'mask:hair' and --regions both give")
+
+
+def test_imagefolder_partition_and_table_split_column_refusal(imagefolder: Path, tmp_path: Path):
+    (tmp_path / "part.txt").write_text("a.png 0\nb.jpg 1\nc.png 2\nd.png 2\nnot_here.png 0\n")
+    result = invoke("imagefolder", imagefolder, "--partition", tmp_path / "part.txt")
+    assert result.exit_code == 0, result.output
+    assert "1 row(s) of part.txt match no image" in result.output
+    assert read(imagefolder / "manifest.csv")["split"].tolist() == ["train", "val", "test", "test"]
+    (tmp_path / "t.csv").write_text("image,job,split\ndoctor/a.png,doctor,train\n")
+    image(tmp_path / "doctor" / "a.png", (8, 8), 1)
+    before = snapshot(tmp_path)
+    result = invoke("table", tmp_path / "t.csv", "--label-column", "job")
+    assert_bad_input(result, tmp_path, before, "t.csv has a 'split' column", "--split-column split")
+    result = invoke("table", tmp_path / "t.csv", "--label-column", "job", "--split", "test")
+    assert_bad_input(result, tmp_path, before, "column split: 'train' but the split (--split) is")

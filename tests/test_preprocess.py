@@ -277,3 +277,58 @@ def test_hf_defaults_equal_the_image_processor(tmp_path, kind: str) -> None:  # 
     expected = auto(images=images, return_tensors="pt")["pixel_values"]
     ours = torch.stack([pre.geometry(to_uint8(image)) for image in images]).float() / 255
     torch.testing.assert_close(pre.normalize(ours), expected, rtol=0, atol=1e-5)
+
+
+# -- crop = false: an explicit "no crop" ---------------------------------------------------------
+def test_no_crop_overrides_the_sources_crop() -> None:
+    """timm's default (a resize, then a center crop to the input size) without its crop: the
+    whole image squashed to the model's frame, as torchvision's Resize([h, w]); mean/std stay."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=2)
+    source = resolve_preprocess({}, model, "timm", 64, name="t")
+    assert source.crop is not None and source.mode == "crop"
+    assert source.frame != (source.resize, source.resize)  # the crop cuts something away
+    pre = resolve_preprocess({"crop": False}, model, "timm", 64, name="t")
+    assert pre.crop is None and pre.mode == "squash" and pre.frame == source.frame
+    assert (pre.mean, pre.std, pre.interpolation) == (source.mean, source.std, source.interpolation)
+    mode = T.InterpolationMode(pre.interpolation)
+    reference = T.Compose([T.Resize(list(source.frame), interpolation=mode), T.PILToTensor()])
+    for image in pil_images(5):
+        assert torch.equal(pre.geometry(to_uint8(image)), reference(image))
+
+
+def test_no_crop_with_resize_and_pad_cuts_nothing() -> None:
+    pre = resolve({"resize": 40, "crop": False})  # an int resize: 40 x 40, squashed
+    assert (pre.mode, pre.crop, pre.frame) == ("squash", None, (40, 40))
+    reference = T.Compose([T.Resize([40, 40]), T.PILToTensor()])
+    for image in pil_images(6):
+        assert torch.equal(pre.geometry(to_uint8(image)), reference(image))
+    # a region at the image's left edge, which a center crop cuts away, survives "no crop"
+    image, mask = scene(40, 120, (0, 0, 20, 40))
+    assert not resolve({"resize": 40, "crop": 40, "mode": "crop"}).geometry_mask(mask).any()
+    padded = resolve({"resize": [40, 40], "crop": False, "mode": "pad"})
+    assert padded.mode == "pad" and padded.geometry_mask(mask).any()
+    assert red(padded.geometry(image)).any()
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ({"crop": False, "mode": "crop"}, "crop = false (no crop) cannot go with mode = 'crop'"),
+        ({"crop": True}, "preprocess.crop = true is not a size"),
+    ],
+)
+def test_no_crop_refusals(table: dict, words: str) -> None:
+    with pytest.raises(PreprocessError) as caught:
+        resolve(table)
+    assert words in str(caught.value) and str(caught.value).startswith("model 'm': ")
+
+
+def test_no_crop_in_the_config_file() -> None:
+    from audit.config import from_dict
+
+    model = {"name": "m", "train_split": "train", "preprocess": {"resize": 48, "crop": False}}
+    config = from_dict({"model": [model]})
+    assert config.model[0].preprocess.crop is False
+    pre = resolve_preprocess(config.model[0].preprocess, Tiny(), "torchvision", 32, name="m")
+    assert pre.to_dict()["crop"] is None and pre.frame == (48, 48)

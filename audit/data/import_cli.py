@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:  # the importers (pandas, PIL) load only when a command runs
-    from audit.data.importers import ImportResult
+    from audit.data.importers import ImportResult, TableSpec
 
 BINARY_HELP = (
     "turns a -1/1 (or 0/1) attribute column into names: ATTR gives ATTR / not_ATTR; "
@@ -41,6 +41,8 @@ def _importer(func: Callable[..., ImportResult]) -> Callable[..., None]:
             raise BadInput(" ".join(str(error).split())) from None
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
+        if result.layout:
+            click.echo(f"layout: {result.layout}", err=True)
         masks = f", {len(result.masks)} mask files" if result.masks else ""
         click.echo(
             f"wrote {result.manifest} ({result.rows} rows{masks}; columns: "
@@ -77,7 +79,29 @@ _label_from = click.option(
     default=None,
     help=f"Class from a binary attribute instead; {BINARY_HELP}, e.g. Eyeglasses.",
 )
-_split = click.option("--split", default="", help="Split written on every row (e.g. test).")
+_split = click.option(
+    "--split",
+    default="",
+    help="Split written on every row (e.g. test); checked against a "
+    "table's `split` column where it has one.",
+)
+_split_column = click.option(
+    "--split-column", default=None, help="The table's column holding each image's split."
+)
+_partition = click.option(
+    "--partition",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Splits from CelebA's list_eval_partition.txt (FILE 0|1|2: train, val, test), joined "
+    "on the image's path or file name.",
+)
+
+
+def _spec(**options: Any) -> TableSpec:
+    """The TableSpec of the command's table options."""
+    from audit.data.importers import TableSpec
+
+    return TableSpec(**options)
 
 
 @click.group("import")
@@ -105,9 +129,19 @@ def import_() -> None:
     default="image",
     help="The table's column naming the image: a path relative to ROOT, or a unique file name.",
 )
+@click.option(
+    "--layout",
+    default="auto",
+    show_default=True,
+    help="auto, class (ROOT/<class>/<image>) or split/class (ROOT/<split>/<class>/<image>); auto takes split/class only "
+    "where every top-level folder is named like a split and holds class folders, and refuses a "
+    "tree that could be either.",
+)
 @_group_columns
 @_group_from
 @_split
+@_split_column
+@_partition
 @_out_option("ROOT/manifest.csv")
 @_overwrite
 @_importer
@@ -115,27 +149,34 @@ def imagefolder(
     root: Path,
     attributes: Path | None,
     key: str,
+    layout: str,
     group_columns: str | None,
     group_from: tuple[str, ...],
     split: str,
+    split_column: str | None,
+    partition: Path | None,
     out: Path | None,
     overwrite: bool,
 ) -> ImportResult:
     """Manifest for ROOT/<class>/<image> (class = folder name), attributes from a table.
 
-    Without --group-columns or --group-from, every table column but the key becomes an attribute.
+    Without --group-columns or --group-from, every plain table column but the key, `label` and
+    `split` becomes an attribute; `group:`, `twin:`, `mask:` and `box:` columns are carried over
+    (twin and mask paths relative to ROOT). A table's `label` and `split` columns must agree with
+    the folders.
     """
     from audit.data.importers import import_imagefolder
 
-    return import_imagefolder(
-        root,
-        attributes=attributes,
+    spec = _spec(
         key=key,
         group_columns=group_columns,
         group_from=group_from,
         split=split,
-        out=out,
-        overwrite=overwrite,
+        split_column=split_column,
+        partition=partition,
+    )
+    return import_imagefolder(
+        root, attributes=attributes, spec=spec, layout=layout, out=out, overwrite=overwrite
     )
 
 
@@ -153,8 +194,9 @@ def imagefolder(
 @_label_from
 @_group_columns
 @_group_from
-@click.option("--split-column", default=None, help="Column holding the split.")
+@_split_column
 @_split
+@_partition
 @click.option(
     "--images",
     type=click.Path(path_type=Path),
@@ -173,6 +215,7 @@ def table(
     group_from: tuple[str, ...],
     split_column: str | None,
     split: str,
+    partition: Path | None,
     images: Path | None,
     out: Path | None,
     overwrite: bool,
@@ -184,23 +227,25 @@ def table(
     \b
     audit data import table Anno/list_attr_celeba.txt \\
         --images img_align_celeba --label-from Eyeglasses \\
-        --group-from sex=Male:female,male --group-from age=Young:old,young
+        --group-from sex=Male:female,male --group-from age=Young:old,young \\
+        --partition Eval/list_eval_partition.txt
+
+    The table's `group:`, `twin:`, `mask:` and `box:` columns are carried over (twin and mask
+    paths relative to IMAGES).
     """
     from audit.data.importers import import_table
 
-    return import_table(
-        table,
-        image_column=image_column,
+    spec = _spec(
+        key=image_column,
         label_column=label_column,
         label_from=label_from,
         group_columns=group_columns,
         group_from=group_from,
-        split_column=split_column,
         split=split,
-        images=images,
-        out=out,
-        overwrite=overwrite,
+        split_column=split_column,
+        partition=partition,
     )
+    return import_table(table, spec=spec, images=images, out=out, overwrite=overwrite)
 
 
 @import_.command(
@@ -232,6 +277,8 @@ def table(
 @_group_columns
 @_group_from
 @_split
+@_split_column
+@_partition
 @click.option(
     "--images",
     type=click.Path(path_type=Path),
@@ -257,6 +304,8 @@ def coco(
     group_columns: str | None,
     group_from: tuple[str, ...],
     split: str,
+    split_column: str | None,
+    partition: Path | None,
     images: Path | None,
     masks_dir: Path | None,
     out: Path | None,
@@ -269,16 +318,21 @@ def coco(
     """
     from audit.data.importers import import_coco
 
-    return import_coco(
-        annotations,
-        regions=regions,
-        table=table_path,
+    spec = _spec(
         key=key,
         label_column=label_column,
         label_from=label_from,
         group_columns=group_columns,
         group_from=group_from,
         split=split,
+        split_column=split_column,
+        partition=partition,
+    )
+    return import_coco(
+        annotations,
+        regions=regions,
+        table=table_path,
+        spec=spec,
         images=images,
         masks_dir=masks_dir,
         out=out,

@@ -1,7 +1,9 @@
 """Importers: write a manifest for data in common layouts, beside the data, touching nothing else.
 
 - `import_imagefolder(ROOT)`: torchvision's ImageFolder layout (class = top-level folder name,
-  images at any depth below it), optionally joined with an attribute table.
+  images at any depth below it) or ROOT/<split>/<class>/ (recognised where every top-level folder
+  is named like a split, refused naming --layout where the tree could be either), optionally
+  joined with an attribute table.
 - `import_table(TABLE)`: an attribute table - CSV (FairFace, UTKFace-as-CSV style) or CelebA's
   whitespace layout (`list_attr_celeba.txt`: a count, the attribute names, then `file v1 v2 ...`
   with -1/1) - with the label and protected attributes taken from its columns.
@@ -9,9 +11,18 @@
   RLE) turned into one mask PNG per image and region, in a new folder beside the file; labels and
   attributes from a joined table.
 
+What each reads from a table is a `TableSpec`: the key, the label, the attributes and one source of
+the split (`--split`, `--split-column`, CelebA's `list_eval_partition.txt` via `--partition`, or
+the split/class layout). A table's own manifest columns (`group:*`, `twin`, `twin:*`, `mask:*`,
+`box:*`) are carried into the manifest, paths made relative to it.
+
 Manifest columns written: `image`, `label`, `split`, one `group:<attribute>` per protected
-attribute, one `mask:<region>` per region. Paths are relative to the manifest's folder, which must
-lie above every file it names.
+attribute, the carried columns, one `mask:<region>` per COCO region. Paths are relative to the
+manifest's folder, which must lie above every file it names.
+
+The importers refuse to guess: a key that names no image, a table `split` column nothing asks for,
+a table `label` or `split` that disagrees with the folders, two sources of the split, an ambiguous
+folder tree are errors naming the file, line or option.
 
 Every importer checks its inputs before writing, then writes the manifest under a temporary name,
 validates it as `audit data validate` does (`audit.data.manifest.validate`) and only then moves it
@@ -25,6 +36,7 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -66,6 +78,7 @@ class ImportResult:
     columns: list[str]
     masks: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layout: str = ""
 
 
 @dataclass(frozen=True)
@@ -226,49 +239,184 @@ def _read_celeba(path: Path) -> AttributeTable:
     return AttributeTable(path, frame, "celeba", numbers)
 
 
+# -- what to read from a table --------------------------------------------------------------------
+@dataclass(frozen=True)
+class TableSpec:
+    """What an importer reads from an attribute table, and where each row's split comes from.
+
+    key: the column naming the image (a path relative to the image folder, or a unique file
+    name); label_column / label_from: the class (a column of names, or a binary attribute, see
+    BinaryAttribute); group_columns / group_from: protected attributes (None: for imagefolder,
+    every plain column); the split from at most one of `split` (one name for every row),
+    `split_column` (a column of the table) and `partition` (CelebA's list_eval_partition.txt).
+    """
+
+    key: str = "image"
+    label_column: str | None = None
+    label_from: str | None = None
+    group_columns: Sequence[str] | str | None = None
+    group_from: Sequence[str] = ()
+    split: str = ""
+    split_column: str | None = None
+    partition: str | Path | None = None
+
+    def split_sources(self, *, layout: bool = False) -> list[str]:
+        """The options that give the split; more than one is an error (the importer cannot choose)."""
+        given = [
+            name
+            for name, on in (
+                ("--split", bool(self.split)),
+                ("--split-column", bool(self.split_column)),
+                ("--partition", self.partition is not None),
+                ("--layout split/class", layout),
+            )
+            if on
+        ]
+        if len(given) > 1:
+            raise ImporterError(f"{' and '.join(given)} each give the split: give one of them")
+        return given
+
+
+RESERVED = ("image", "label", "split", "twin")  # manifest columns never read as attributes
+CARRIED = ("twin:", "mask:", "box:")  # manifest columns a table may hold, copied as they are
+
+
+def _is_path_column(column: str) -> bool:
+    """Carried columns holding image paths (rewritten relative to the manifest)."""
+    return column == "twin" or column.startswith(("twin:", "mask:"))
+
+
 # -- labels and attributes ----------------------------------------------------------------------
 def _labels_and_groups(
     table: AttributeTable,
+    spec: TableSpec,
     *,
-    label_column: str | None,
-    label_from: str | None,
-    group_columns: Sequence[str],
-    group_from: Sequence[str],
     need_label: bool = True,
+    all_columns: bool = False,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """The label and `group:<attribute>` columns read from a table, and the problems found."""
+    """The label, `group:<attribute>` and carried columns read from a table, and the problems found.
+
+    Attributes in order: the table's own `group:<attribute>` columns, then `group_columns` (with
+    `all_columns` and neither option given: every column that is not the key, the split column, a
+    manifest column or prefixed), then `group_from`. Carried: `twin`, `twin:*`, `mask:*`, `box:*`.
+    """
     frame = table.frame
     origins = [table.origin(i) for i in range(len(frame))]
     problems: list[str] = []
     out = pd.DataFrame(index=frame.index)
-    if label_column and label_from:
+    if spec.label_column and spec.label_from:
         raise ImporterError("give --label-column or --label-from, not both")
-    if label_column:
-        table.require(label_column, "--label-column")
-        out["label"] = frame[label_column]
-    elif label_from:
-        spec = BinaryAttribute.parse(label_from, "--label-from")
-        table.require(spec.column, "--label-from")
-        out["label"] = spec.convert(frame[spec.column], origins, problems)
+    if spec.label_column:
+        table.require(spec.label_column, "--label-column")
+        out["label"] = frame[spec.label_column]
+    elif spec.label_from:
+        binary = BinaryAttribute.parse(spec.label_from, "--label-from")
+        table.require(binary.column, "--label-from")
+        out["label"] = binary.convert(frame[binary.column], origins, problems)
     elif need_label:
-        raise ImporterError("give --label-column (a column of class names) or --label-from ATTR")
-    for column in group_columns:
+        hint = " (this table has one: --label-column label)" if "label" in frame.columns else ""
+        raise ImporterError(
+            f"give --label-column (a column of class names) or --label-from ATTR{hint}"
+        )
+    declared = [c for c in frame.columns if c.startswith("group:")]
+    columns = parse_columns(spec.group_columns)
+    if all_columns and spec.group_columns is None and not spec.group_from:
+        skip = {spec.key, spec.split_column, *RESERVED}
+        columns = [c for c in frame.columns if c not in skip and ":" not in c]
+    for column in declared:
+        _add_group(out, column.partition(":")[2].strip(), frame[column], column)
+    for column in columns:
+        if column in declared:
+            continue  # already read as the attribute it declares
         table.require(column, "--group-columns")
-        _add_group(out, column, frame[column])
-    for spec_text in group_from:
-        spec = BinaryAttribute.parse(spec_text, "--group-from")
-        table.require(spec.column, "--group-from")
-        _add_group(out, spec.name, spec.convert(frame[spec.column], origins, problems))
+        _add_group(out, column, frame[column], "--group-columns")
+    for spec_text in spec.group_from:
+        binary = BinaryAttribute.parse(spec_text, "--group-from")
+        table.require(binary.column, "--group-from")
+        values = binary.convert(frame[binary.column], origins, problems)
+        _add_group(out, binary.name, values, f"--group-from {spec_text}")
+    for column in frame.columns:
+        if column == "twin" or column.startswith(CARRIED):
+            out[column] = frame[column]
     return out, problems
 
 
-def _add_group(out: pd.DataFrame, name: str, values: pd.Series) -> None:
+def _add_group(out: pd.DataFrame, name: str, values: pd.Series, source: str) -> None:
     if ":" in name or not name:
-        raise ImporterError(f"attribute name {name!r}: must be non-empty and without ':'")
+        raise ImporterError(f"{source}: attribute name {name!r} must be non-empty and without ':'")
     column = f"group:{name}"
     if column in out.columns:
-        raise ImporterError(f"attribute {name!r} is given twice")
+        raise ImporterError(
+            f"{source}: attribute {name!r} is given twice (the table's column {column!r}, "
+            "--group-columns or --group-from)"
+        )
     out[column] = values
+
+
+def _rebase(values: Sequence[str], base: Path, manifest: Path) -> list[str]:
+    """Paths relative to `base` made relative to the manifest's folder (posix); one that leaves
+    the folder keeps its '..' and the validator names it."""
+    root = manifest.parent.resolve()
+    return [
+        Path(os.path.relpath(os.path.abspath(base / value), root)).as_posix() if value else ""
+        for value in values
+    ]
+
+
+def _pick(values: pd.Series, matched: Sequence[int | None]) -> list[str]:
+    """For each manifest row, the value of its table row ("" for a row without one)."""
+    return [values.iloc[m] if m is not None else "" for m in matched]
+
+
+def _agreement(
+    table: AttributeTable,
+    column: str,
+    matched: Sequence[int | None],
+    values: Sequence[str],
+    what: str,
+) -> list[str]:
+    """Where the table's `column` (not the source of the manifest's `what`) differs from it."""
+    if column not in table.frame.columns:
+        return []
+    problems = []
+    for row, value in zip(matched, values, strict=True):
+        if row is not None and (given := table.frame[column].iloc[row]) and given != value:
+            problems.append(
+                f"{table.origin(row)}, column {column}: {given!r} but the {what} is {value!r}"
+            )
+    return problems
+
+
+def _unused_split_column(table: AttributeTable, spec: TableSpec, sources: list[str]) -> None:
+    """A table with a `split` column when nothing asks for a split: refuse rather than drop it."""
+    if "split" in table.frame.columns and not sources:
+        raise ImporterError(
+            f"{table.path} has a 'split' column but no split was asked for: pass "
+            "--split-column split to take each row's split from it (or --split NAME, which "
+            "is checked against it)"
+        )
+
+
+def _table_splits(
+    table: AttributeTable,
+    spec: TableSpec,
+    matched: Sequence[int | None],
+    origins: Sequence[str],
+) -> tuple[list[str], list[str]]:
+    """Each manifest row's split from `--split-column`; a row without one is a problem."""
+    table.require(spec.split_column, "--split-column")
+    values = table.frame[spec.split_column]
+    splits, problems = [], []
+    for row, origin in zip(matched, origins, strict=True):
+        if row is None:
+            problems.append(f"{origin}: no row in {table.path.name}, so no split (--split-column)")
+            splits.append("")
+        elif not values.iloc[row]:
+            problems.append(f"{table.origin(row)}, column {spec.split_column}: empty split")
+            splits.append("")
+        else:
+            splits.append(values.iloc[row])
+    return splits, problems
 
 
 def _join(
@@ -280,7 +428,8 @@ def _join(
     """For each image path (posix, relative), the table row whose `key` names it, or None.
 
     A key matches an image by its relative path, or by its file name when that name is unique
-    among the images. Returns the row positions and warnings (rows that match no image).
+    among the images. Returns the row positions and warnings (rows that match no image). A key
+    that matches no image at all is an error: the join would only leave every attribute unknown.
     """
     table.require(key, option)
     by_path = {p: i for i, p in enumerate(images)}
@@ -305,6 +454,14 @@ def _join(
                 f"{table.origin(position)}: {value!r} is also on {table.origin(matched[hits[0]])}"
             )
         matched[hits[0]] = position
+    if images and all(m is None for m in matched):
+        first = table.frame[key].iloc[0] if len(table.frame) else ""
+        raise ImporterError(
+            f"{option}: no value of {table.path.name}'s column {key!r} names one of the "
+            f"{len(images)} images (its first value {first!r}, the first image {images[0]!r}); "
+            "a key is a path relative to the image folder or a file name unique in it"
+            + _prefix_hint(table.frame[key], by_path)
+        )
     warnings = []
     if unmatched:
         warnings.append(
@@ -312,6 +469,75 @@ def _join(
             f"(first: {', '.join(unmatched[:3])})"
         )
     return matched, warnings
+
+
+def _prefix_hint(keys: pd.Series, by_path: Mapping[str, int]) -> str:
+    """Where keys are paths from a folder above the images (e.g. the whole tree's table joined to
+    one split folder), say which prefix they carry."""
+    for value in keys.head(1000):
+        parts = value.replace("\\", "/").removeprefix("./").split("/")
+        for cut in range(1, len(parts)):
+            if "/".join(parts[cut:]) in by_path:
+                prefix = "/".join(parts[:cut])
+                return (
+                    f"; the keys look like paths from a folder above (they start with "
+                    f"'{prefix}/'): import that folder, or join on a column of file names"
+                )
+    return ""
+
+
+# -- CelebA's list_eval_partition.txt -------------------------------------------------------------
+PARTITION_SPLITS = {"0": "train", "1": "val", "2": "test"}
+
+
+def read_partition(path: str | Path) -> AttributeTable:
+    """CelebA's split file as a table (`image`, `partition`): `list_eval_partition.txt` (a file
+    name and 0, 1 or 2 per line) or its CSV form with a header (`image_id,partition`)."""
+    path = Path(path)
+    head = _text_head(path, "a partition file (FILE 0|1|2 per line, CelebA layout)")
+    if "," in (head.splitlines() or [""])[0]:
+        table = read_attribute_table(path)
+        if table.frame.shape[1] != 2:
+            raise ImporterError(
+                f"--partition: {path}: {table.frame.shape[1]} columns, expected 2 (file, partition)"
+            )
+        table.frame.columns = ["image", "partition"]
+        return table
+    rows, numbers = [], []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise ImporterError(
+                    f"--partition: {path}, line {number}: {len(fields)} fields, expected 2 "
+                    "(a file name and 0, 1 or 2)"
+                )
+            rows.append(fields)
+            numbers.append(number)
+    if not rows:
+        raise ImporterError(f"--partition: {path}: no lines")
+    return AttributeTable(
+        path, pd.DataFrame(rows, columns=["image", "partition"]), "partition", numbers
+    )
+
+
+def _partition_splits(
+    path: str | Path, images: Sequence[str], origins: Sequence[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """Each image's split from a partition file (0 train, 1 val, 2 test): splits, problems, warnings."""
+    table = read_partition(path)
+    matched, warnings = _join(table, "image", images, "--partition")
+    splits, problems = [], []
+    for row, origin in zip(matched, origins, strict=True):
+        value = table.frame["partition"].iloc[row] if row is not None else None
+        if row is None:
+            problems.append(f"{origin}: not in {table.path.name}, so no split (--partition)")
+        elif value not in PARTITION_SPLITS:
+            problems.append(f"{table.origin(row)}: partition {value!r} is not 0, 1 or 2")
+        splits.append(PARTITION_SPLITS.get(value or "", ""))
+    return splits, problems, warnings
 
 
 # -- writing and validating ---------------------------------------------------------------------
@@ -371,133 +597,225 @@ def _commit(
 
 
 # -- ImageFolder --------------------------------------------------------------------------------
+LAYOUTS = ("auto", "class", "split/class")
+SPLIT_LIKE = re.compile(
+    r"(train|training|val|valid|validation|dev|test|testing|eval|evaluation|holdout)([_\-.].*)?",
+    re.IGNORECASE,
+)
+
+
+def _images_below(folder: Path, root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _shown(names: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)})" if len(names) > limit else "")
+
+
+def _folder_layout(root: Path, layout: str) -> tuple[str, list[tuple[str, str, Path]]]:
+    """The layout used and every image as (split, class, path); ImporterError where unsure.
+
+    "class": ROOT/<class>/**/<image>. "split/class": ROOT/<split>/<class>/**/<image>. "auto"
+    takes split/class where every top-level folder is named like a split (train, val, test,
+    train_biased, ...) and holds only class folders, class otherwise, and refuses (naming
+    --layout) a tree that could be either: split-like top-level names, or top-level folders that
+    hold only folders, some of them under more than one top-level folder.
+    """
+    tops = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = {t: files for t in tops if (files := _images_below(root / t, root))}
+    parts = {t: [p.relative_to(root).parts for p in files] for t, files in found.items()}
+    two_level = bool(found) and all(len(q) > 2 for ps in parts.values() for q in ps)
+    inner = Counter(c for ps in parts.values() for c in {q[1] for q in ps if len(q) > 2})
+    repeated = sorted(c for c, n in inner.items() if n > 1)
+    split_named = [t for t in found if SPLIT_LIKE.fullmatch(t)]
+    if layout == "auto":
+        if two_level and split_named and len(split_named) == len(found):
+            layout = "split/class"
+        elif split_named:
+            raise ImporterError(
+                f"{root}: the top-level folders {_shown(split_named)} are named like splits; "
+                "pass --layout split/class to read ROOT/<split>/<class>/<image>, or --layout "
+                "class to take them as classes"
+            )
+        elif two_level and repeated:
+            raise ImporterError(
+                f"{root}: the top-level folders {_shown(list(found))} hold only folders, and "
+                f"{_shown(repeated)} appear under more than one of them; pass --layout "
+                "split/class to read ROOT/<split>/<class>/<image>, or --layout class to take "
+                "the top-level folders as classes"
+            )
+        else:
+            layout = "class"
+    if layout == "class":
+        return layout, [("", t, p) for t, files in found.items() for p in files]
+    images = []
+    for split, files in found.items():
+        for path in files:
+            parts = path.relative_to(root).parts
+            if len(parts) < 3:
+                raise ImporterError(
+                    f"{path}: an image directly in the split folder {split!r}; --layout "
+                    "split/class reads ROOT/<split>/<class>/<image>"
+                )
+            images.append((split, parts[1], path))
+    return layout, images
+
+
 def import_imagefolder(
     root: str | Path,
     *,
     attributes: str | Path | None = None,
-    key: str = "image",
-    group_columns: Sequence[str] | str | None = None,
-    group_from: Sequence[str] = (),
-    split: str = "",
+    spec: TableSpec | None = None,
+    layout: str = "auto",
     out: str | Path | None = None,
     overwrite: bool = False,
 ) -> ImportResult:
-    """Manifest for ROOT/<class>/**/<image>: label = the class folder's name.
+    """Manifest for ROOT/<class>/**/<image> (label = the class folder's name) or, with the
+    split/class layout, ROOT/<split>/<class>/**/<image>.
 
-    attributes: a table (CSV or CelebA layout) joined on `key` (a path relative to ROOT, or a
-    file name unique under ROOT); `group_columns` (default: every column but the key) become
-    `group:<column>`, `group_from` binary attributes (see BinaryAttribute). Images without a row
-    get empty attribute cells (unknown), reported as a warning.
+    attributes: a table (CSV or CelebA layout) joined on `spec.key` (a path relative to ROOT, or
+    a file name unique under ROOT) that gives the attributes (default: every plain column; see
+    _labels_and_groups), the carried twin:/mask:/box: columns (paths relative to ROOT) and, with
+    `spec.split_column`, the split. Its `label` and `split` columns, where present and not the
+    source, must agree with the folders. Images without a row get empty attribute cells
+    (unknown), reported as a warning.
     """
+    spec = spec or TableSpec()
     root = Path(root)
+    if layout not in LAYOUTS:
+        raise ImporterError(f"--layout {layout!r}: choose from {', '.join(LAYOUTS)}")
     if not root.exists():
         raise ImporterError(f"image folder not found: {root}")
     if not root.is_dir():
         raise ImporterError(f"{root}: not a folder (an ImageFolder root: one folder per class)")
     manifest = _manifest_path(Path(out) if out else None, root, overwrite)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[tuple[str, Path]] = []
-    for name in classes:
-        found = sorted(
-            p
-            for p in (root / name).rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        files += [(name, p) for p in found]
-    used = sorted({c for c, _ in files})
+    spec.split_sources(layout=layout == "split/class")  # before scanning: the options conflict
+    layout, files = _folder_layout(root, layout)
+    sources = spec.split_sources(layout=layout == "split/class")
+    if spec.split_column and attributes is None:
+        raise ImporterError("--split-column needs --attributes (the table holding the column)")
+    used = sorted({c for _, c, _ in files})
     if len(used) < 2:
         what = f"one class ({used[0]!r})" if used else "no images"
-        raise ImporterError(
-            f"{root}: {what} in the ImageFolder layout (ROOT/<class>/<image>); a classifier "
-            "audit needs at least two class folders with images"
+        where = (
+            "ROOT/<split>/<class>/<image>" if layout == "split/class" else "ROOT/<class>/<image>"
         )
-    images = [_relative(p, manifest, "image") for _, p in files]
-    frame = pd.DataFrame({"image": images, "label": [c for c, _ in files], "split": split})
-    origins = [str(p) for _, p in files]
+        raise ImporterError(
+            f"{root}: {what} in the ImageFolder layout ({where}); a classifier audit needs at "
+            "least two class folders with images"
+        )
+    names = [p.relative_to(root).as_posix() for _, _, p in files]
+    labels = [c for _, c, _ in files]
+    splits = [s or spec.split for s, _, _ in files]
+    frame = pd.DataFrame(
+        {"image": [_relative(p, manifest, "image") for _, _, p in files], "label": labels}
+    )
+    origins = [str(p) for _, _, p in files]
     warnings: list[str] = []
     problems: list[str] = []
+    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        warnings.append(
+            f"{len(loose)} image(s) directly in {root} are in no class folder and left out "
+            f"(first: {', '.join(sorted(loose)[:3])})"
+        )
+    if layout == "split/class":
+        cells = set(zip(splits, labels, strict=True))
+        warnings += [
+            f"split {s!r} has no images of class {c!r}"
+            for s in sorted(set(splits))
+            for c in used
+            if (s, c) not in cells
+        ]
+    if spec.partition is not None:
+        splits, found, notes = _partition_splits(spec.partition, names, origins)
+        problems += found
+        warnings += notes
     if attributes is not None:
         table = read_attribute_table(attributes)
-        names = [p.relative_to(root).as_posix() for _, p in files]
-        matched, warnings = _join(table, key, names)
-        columns = parse_columns(group_columns)
-        if group_columns is None and not group_from:
-            columns = [c for c in table.frame.columns if c != key]
-        groups, problems = _labels_and_groups(
-            table,
-            label_column=None,
-            label_from=None,
-            group_columns=columns,
-            group_from=group_from,
-            need_label=False,
-        )
+        matched, notes = _join(table, spec.key, names)
+        _unused_split_column(table, spec, sources)
+        warnings += notes
+        origins = [
+            f"{o} ({table.origin(m)})" if m is not None else o
+            for o, m in zip(origins, matched, strict=True)
+        ]
+        columns, found = _labels_and_groups(table, spec, need_label=False, all_columns=True)
+        problems += found + _agreement(table, "label", matched, labels, "class folder")
+        if spec.split_column:
+            splits, found = _table_splits(table, spec, matched, origins)
+            problems += found
+        elif "split" in table.frame.columns:
+            problems += _agreement(table, "split", matched, splits, f"split ({sources[0]})")
         missing = sum(m is None for m in matched)
         if missing:
             warnings.append(
                 f"{missing} image(s) have no row in {table.path.name}: attributes unknown"
             )
-        for column in groups.columns:
-            frame[column] = [groups[column].iloc[m] if m is not None else "" for m in matched]
+        for column in columns.columns:
+            values = _pick(columns[column], matched)
+            frame[column] = _rebase(values, root, manifest) if _is_path_column(column) else values
+    frame.insert(2, "split", splits)
     _commit(frame, manifest, origins, root, problems)
-    return ImportResult(manifest, len(frame), list(frame.columns), [], warnings)
+    return ImportResult(manifest, len(frame), list(frame.columns), [], warnings, layout)
 
 
 # -- attribute tables ---------------------------------------------------------------------------
 def import_table(
     table: str | Path,
     *,
-    image_column: str = "image",
-    label_column: str | None = None,
-    label_from: str | None = None,
-    group_columns: Sequence[str] | str | None = None,
-    group_from: Sequence[str] = (),
-    split_column: str | None = None,
-    split: str = "",
+    spec: TableSpec,
     images: str | Path | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
 ) -> ImportResult:
     """Manifest from an attribute table: one row per table row.
 
-    images: the folder the image column's paths are relative to (default: the table's folder);
-    the manifest goes there unless `out` says otherwise. Label from `label_column` or the binary
-    `label_from`; attributes from `group_columns` (values as written) and `group_from`; split
-    from `split_column` or the constant `split`.
+    images: the folder the key column's paths (and twin:/mask: paths) are relative to (default:
+    the table's folder); the manifest goes there unless `out` says otherwise. Label, attributes
+    and split as `spec` says (see TableSpec, _labels_and_groups).
     """
     attr = read_attribute_table(table)
     image_dir = Path(images) if images is not None else attr.path.parent
     if not image_dir.is_dir():
         raise ImporterError(f"--images: folder not found: {image_dir}")
     manifest = _manifest_path(Path(out) if out else None, image_dir, overwrite)
-    attr.require(image_column, "--image-column")
-    columns, problems = _labels_and_groups(
-        attr,
-        label_column=label_column,
-        label_from=label_from,
-        group_columns=parse_columns(group_columns),
-        group_from=group_from,
-    )
-    if split_column:
-        attr.require(split_column, "--split-column")
-        split_values = attr.frame[split_column]
+    attr.require(spec.key, "--image-column")
+    sources = spec.split_sources()
+    _unused_split_column(attr, spec, sources)
+    columns, problems = _labels_and_groups(attr, spec)
+    keys = [v.replace("\\", "/").removeprefix("./") for v in attr.frame[spec.key]]
+    origins = [attr.origin(i) for i in range(len(keys))]
+    rows = list(range(len(keys)))
+    warnings: list[str] = []
+    if spec.split_column:
+        splits, found = _table_splits(attr, spec, rows, origins)
+        problems += found
+    elif spec.partition is not None:
+        splits, found, warnings = _partition_splits(spec.partition, keys, origins)
+        problems += found
     else:
-        split_values = pd.Series(split, index=attr.frame.index)
-    root = manifest.parent.resolve()
-    # relative to the manifest's folder; one outside it keeps its '..' and the validator names it
-    image_paths = [
-        Path(os.path.relpath(os.path.abspath(image_dir / value), root)).as_posix() if value else ""
-        for value in attr.frame[image_column]
-    ]
+        splits = [spec.split] * len(keys)
+    if sources and not spec.split_column and "split" in attr.frame.columns:
+        problems += _agreement(attr, "split", rows, splits, f"split ({sources[0]})")
     frame = pd.DataFrame(
-        {"image": image_paths, "label": columns.pop("label"), "split": split_values}
+        {
+            "image": _rebase(list(attr.frame[spec.key]), image_dir, manifest),
+            "label": columns.pop("label"),
+            "split": splits,
+        }
     )
     for column in columns.columns:
-        frame[column] = columns[column]
-    origins = [attr.origin(i) for i in range(len(frame))]
+        values = list(columns[column])
+        frame[column] = _rebase(values, image_dir, manifest) if _is_path_column(column) else values
     _commit(frame, manifest, origins, attr.path, problems)
-    return ImportResult(manifest, len(frame), list(frame.columns))
+    return ImportResult(manifest, len(frame), list(frame.columns), [], warnings)
 
 
 # -- COCO ---------------------------------------------------------------------------------------
@@ -574,12 +892,7 @@ def import_coco(
     *,
     regions: str | Mapping[str, Sequence[str | int]],
     table: str | Path | None = None,
-    key: str = "image",
-    label_column: str | None = None,
-    label_from: str | None = None,
-    group_columns: Sequence[str] | str | None = None,
-    group_from: Sequence[str] = (),
-    split: str = "",
+    spec: TableSpec | None = None,
     images: str | Path | None = None,
     masks_dir: str | Path | None = None,
     out: str | Path | None = None,
@@ -591,13 +904,16 @@ def import_coco(
     mapped. Masks: `<masks_dir>/<region>/<image id>.png` (0 outside, 255 inside the union of the
     region's annotations), masks_dir a new or empty folder (default: `masks` beside the
     annotation file), never over existing files. An image without an annotation of a region
-    gets an empty cell. images: the folder `file_name`s are relative to (default: the annotation
-    file's folder). The table is joined on `key` (the `file_name`, or its unique file name) and
-    must give every image a label. The manifest goes into the deepest folder above both the
-    images and the masks unless `out` says otherwise.
+    gets an empty cell. images: the folder `file_name`s (and the table's twin:/mask: paths) are
+    relative to (default: the annotation file's folder). The table is joined on `spec.key` (the
+    `file_name`, or its unique file name) and must give every image a label; attributes, carried
+    columns and the split as `spec` says (see TableSpec). The manifest goes into the deepest
+    folder above both the images and the masks unless `out` says otherwise.
     """
+    spec = spec or TableSpec()
     path = Path(annotations)
     data = _load_coco(path)
+    sources = spec.split_sources()
     if table is None:
         raise ImporterError(
             f"{path}: COCO files carry no class labels: give --table with --label-column or "
@@ -684,24 +1000,38 @@ def import_coco(
 
     # labels and attributes, joined on the file name
     names = [str(records[i]["file_name"]).replace("\\", "/") for i in ids]
-    frame = pd.DataFrame({"image": [""] * len(ids), "label": "", "split": split})
-    for position, name in enumerate(names):
-        frame.loc[position, "image"] = _relative(image_dir / name, manifest, "image")
+    origins = [origin(i) for i in ids]
+    images_rel = [_relative(image_dir / name, manifest, "image") for name in names]
     attr = read_attribute_table(table)
-    matched, warnings = _join(attr, key, names)
-    columns, table_problems = _labels_and_groups(
-        attr,
-        label_column=label_column,
-        label_from=label_from,
-        group_columns=parse_columns(group_columns),
-        group_from=group_from,
-    )
+    matched, warnings = _join(attr, spec.key, names)
+    _unused_split_column(attr, spec, sources)
+    columns, table_problems = _labels_and_groups(attr, spec)
+    clash = [c for c in columns.columns if c.startswith("mask:") and c[5:] in region_names]
+    if clash:
+        raise ImporterError(
+            f"{attr.path}: column {clash[0]!r} and --regions both give the masks of "
+            f"{clash[0][5:]!r}: drop one"
+        )
     problems += table_problems
     for position, row in enumerate(matched):
         if row is None:
-            problems.append(f"{origin(ids[position])}: no row in {attr.path.name} (no label)")
+            problems.append(f"{origins[position]}: no row in {attr.path.name} (no label)")
+    if spec.split_column:
+        splits, found = _table_splits(attr, spec, matched, origins)
+        problems += [p for p in found if "no row in" not in p]  # already named above
+    elif spec.partition is not None:
+        splits, found, notes = _partition_splits(spec.partition, names, origins)
+        problems += found
+        warnings += notes
+    else:
+        splits = [spec.split] * len(ids)
+    if sources and not spec.split_column:
+        problems += _agreement(attr, "split", matched, splits, f"split ({sources[0]})")
+    frame = pd.DataFrame({"image": images_rel, "label": _pick(columns.pop("label"), matched)})
+    frame["split"] = splits
     for column in columns.columns:
-        frame[column] = [columns[column].iloc[m] if m is not None else "" for m in matched]
+        values = _pick(columns[column], matched)
+        frame[column] = _rebase(values, image_dir, manifest) if _is_path_column(column) else values
 
     # decode every mask before writing any
     masks: dict[tuple[str, str], np.ndarray] = {}
@@ -742,7 +1072,6 @@ def import_coco(
                     )
                 column.append(_relative(target, manifest, "mask"))
             frame[f"mask:{region}"] = column
-        origins = [origin(i) for i in ids]
         _commit(frame, manifest, origins, path, problems)
     except BaseException:  # remove the masks written, and the folders made for them
         for file in written:

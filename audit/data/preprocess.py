@@ -21,6 +21,9 @@ Modes (`mode`):
 - "pad": resize keeping the aspect ratio so that the image fits inside `resize`, pad with zeros
   (black, before normalisation) to `resize`, then center crop to `crop` if given.
 
+`crop = false` says "no crop" where the source's defaults have one: the whole image is squashed
+(or padded, with mode "pad") to `resize`, by default the frame size the model had.
+
 Backends (`backend`): "pil" resizes with PIL and center crops as torchvision does (`round`), exactly
 what torchvision and timm transforms do on PIL images; "torch" resizes the uint8 tensor with
 `torchvision.transforms.v2.functional.resize(antialias=True)` and center crops as transformers'
@@ -398,6 +401,11 @@ def resolve_preprocess(
         raise PreprocessError(
             f"model {name!r}: unknown key preprocess.{unknown[0]}; known keys: {', '.join(KEYS)}"
         )
+    if user.get("crop") is True:
+        raise PreprocessError(
+            f"model {name!r}: preprocess.crop = true is not a size; give an int, [height, width], "
+            "or false for no crop"
+        )
     channels = _in_channels(model) or 3
     frame = fixed_input_size(model) or (image_size, image_size)
     values: dict[str, Any] = {
@@ -418,6 +426,8 @@ def resolve_preprocess(
         values |= hf_defaults(Path(source.path), name)
         origin = "hf"
     if user:
+        if user.get("crop") is False:
+            user = _without_crop(user, values, name)
         if ("resize" in user or "crop" in user) and "mode" not in user:
             # The user's sizes replace the source's geometry; an int resize means the shorter side.
             values["mode"] = "crop" if isinstance(user.get("resize"), int) else "squash"
@@ -428,6 +438,24 @@ def resolve_preprocess(
         values |= user
         origin = f"{origin}+user" if origin != "default" else "user"
     return _validated(values, name, channels, origin, class_order)
+
+
+def _without_crop(user: dict[str, Any], values: dict[str, Any], name: str) -> dict[str, Any]:
+    """`crop = false`: nothing of the image is cut away, whatever the source's defaults say.
+
+    The whole image goes into the frame: squashed (or, with `mode = "pad"`, letterboxed) to
+    `resize` if given, else to the frame the model had (the source's crop, else its resize), so a
+    model with a fixed input size keeps it. `mode = "crop"` always cuts, so it is refused.
+    """
+    mode = user.get("mode", "squash")
+    if mode == "crop":
+        raise PreprocessError(
+            f"model {name!r}: preprocess.crop = false (no crop) cannot go with mode = 'crop', "
+            "which cuts what overflows resize; use mode 'squash' or 'pad'"
+        )
+    previous = values["crop"] if values["crop"] is not None else values["resize"]
+    resize = user.get("resize", list(_pair(previous)) if isinstance(previous, int) else previous)
+    return {**user, "crop": None, "mode": mode, "resize": resize}
 
 
 def _size(value: Any, key: str, name: str, allow_int: bool) -> int | Size:
