@@ -30,13 +30,19 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
 import pandas as pd
-from PIL import Image, ImageFile
+from PIL import Image
+
+from audit.data.images import (
+    UnsupportedImageError,
+    oriented_size,
+    read_mask,
+    read_pixels,
+    strict_decoding,
+)
 
 CORE_COLUMNS = ("image", "label", "group", "split", "twin")
 REGION_PREFIXES = ("mask", "box")
@@ -249,21 +255,6 @@ class _RealPaths:
         return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
 
 
-@contextmanager
-def strict_decoding() -> Iterator[None]:
-    """Make Pillow refuse truncated files, whatever another library set globally.
-
-    WeasyPrint sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` when imported, which would let a
-    truncated image through validation in any process that has rendered a PDF.
-    """
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -284,17 +275,19 @@ def _png_header_size(path: str | Path) -> tuple[int, int] | None:
     return width, height
 
 
-def _image_size(path: str | Path, decode: bool = True) -> tuple[int, int]:
-    """(width, height) of an image; raises OSError for an unreadable file, and with `decode` (the
-    whole file decoded, not only its header) for a truncated one."""
-    if not decode and (size := _png_header_size(path)) is not None:
+def _image_size(path: str | Path, decode: bool = True, mask: bool = False) -> tuple[int, int]:
+    """(width, height) of an image as the audit reads it (EXIF orientation applied); raises OSError
+    for an unreadable file, and with `decode` (the whole file decoded by audit.data.images, as the
+    audit will, as a mask with `mask`) for a truncated one or pixels it refuses (ValueError)."""
+    if decode:
+        pixels = read_mask(path) if mask else read_pixels(path)
+        return pixels.shape[1], pixels.shape[0]
+    if (size := _png_header_size(path)) is not None:
         return size
     with warnings.catch_warnings(), strict_decoding():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            if decode:
-                image.load()
-            return image.size
+            return oriented_size(image)
 
 
 def parse_box(value: str) -> tuple[float, float, float, float]:
@@ -381,7 +374,7 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
         return problems
     problems += _header_problems(header)
     real_path = _RealPaths(str(path.parent.resolve()))
-    sizes: dict[str, tuple[int, int] | None] = {}
+    sizes: dict[tuple[str, bool], tuple[int, int] | None] = {}
 
     def check_file(
         line: int, column: str, value: str, expected_size: tuple[int, int] | None
@@ -399,16 +392,20 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
         if not os.path.isfile(full):
             problems.append(f"line {line}, {column}: file not found: {value}")
             return None
-        if value not in sizes:
+        key = (value, column.startswith("mask:"))
+        if key not in sizes:
             try:
-                sizes[value] = _image_size(full, decode)
+                sizes[key] = _image_size(full, decode, mask=key[1])
+            except UnsupportedImageError as error:
+                sizes[key] = None
+                problems.append(f"line {line}, {column}: {value}: {error}")
             except (OSError, SyntaxError, Image.DecompressionBombWarning, ValueError) as error:
-                sizes[value] = None
+                sizes[key] = None
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 problems.append(
                     f"line {line}, {column}: unreadable or truncated image {value}: {reason}"
                 )
-        size = sizes[value]
+        size = sizes[key]
         if size is not None and expected_size is not None and size != expected_size:
             problems.append(
                 f"line {line}, {column}: {value} is {size[0]}x{size[1]} but the image is "
