@@ -313,9 +313,15 @@ def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = 
     return _load(path)
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_raw(path: Path) -> pd.DataFrame:
+    """The cells as written (headers stripped of surrounding spaces, cells not)."""
     table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=False)
     table.columns = [str(c).strip() for c in table.columns]
+    return table
+
+
+def _read_table(path: Path, raw: pd.DataFrame | None = None) -> pd.DataFrame:
+    table = (_read_raw(path) if raw is None else raw).copy()
     for column in table.columns:
         table[column] = table[column].str.strip()
     for column in ("group", "split", "twin"):
@@ -342,6 +348,70 @@ def _load(path: Path) -> Manifest:
     )
 
 
+def _not_utf8(path: Path) -> str:
+    """The first line of a file that is not UTF-8, its offending byte, and how to re-save it."""
+    data = path.read_bytes()
+    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            shown = line.decode("utf-8", errors="replace").strip()
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return (
+                f"line {number} is not UTF-8 (byte 0x{line[error.start]:02X} at byte "
+                f"{error.start + 1} of the line: {shown!r}); re-save the file as UTF-8 (a "
+                "spreadsheet's 'CSV UTF-8' format, or `iconv -f cp1252 -t utf-8 old.csv > "
+                "new.csv` when it came from Windows)"
+            )
+    return "not UTF-8"  # not reached: pandas found an undecodable byte somewhere
+
+
+def _lines(positions: pd.Index | list[int], shown: int = 3) -> str:
+    """'lines 2, 5, 9 and 4 more' for row positions (line = position + 2)."""
+    lines = [str(p + 2) for p in positions]
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return f"line{'s' if len(lines) > 1 else ''} {', '.join(lines[:shown])}{more}"
+
+
+def _spelling_problems(values: pd.Series, column: str) -> list[str]:
+    """Values of one column that differ only by case or surrounding spaces ('Doctor ', 'doctor'):
+    one line per such set, each spelling with the lines it is on."""
+    values = values.reset_index(drop=True)
+    keys = values.str.strip().str.casefold()
+    spellings = values[keys != ""].groupby(keys[keys != ""], sort=True).unique()
+    problems = []
+    for variants in spellings[spellings.map(len) > 1]:
+        where = "; ".join(
+            f"{v!r} on {_lines(values.index[values == v].tolist())}" for v in sorted(variants)
+        )
+        problems.append(
+            f"{column}: {where}: these differ only by case or surrounding spaces; write one "
+            "spelling (as they are, they would be separate "
+            f"{'classes' if column == 'label' else 'groups'} or merged without notice)"
+        )
+    return problems
+
+
+def unseen_classes(train: pd.DataFrame, evaluated: pd.DataFrame) -> dict[str, str]:
+    """Labels of the evaluated rows that no training row has, each with its manifest lines
+    ('lines 40, 41 and 3 more'): a model never trained on a class cannot predict it."""
+    missing = sorted(set(evaluated["label"]) - set(train["label"]))
+    return {
+        label: _lines(evaluated.index[evaluated["label"] == label].tolist()) for label in missing
+    }
+
+
+def one_valued(rows: pd.DataFrame, columns: dict[str, str]) -> dict[str, list[str]]:
+    """Attributes (name -> column) with fewer than two known values in `rows`, with those values:
+    no group can be compared with another, so they carry no fairness figure or gate."""
+    out = {}
+    for attribute, column in columns.items():
+        known = sorted(set(rows[column]) - {""})
+        if len(known) < 2:
+            out[attribute] = known
+    return out
+
+
 def validate(path: str | Path, *, check_files: bool = True, decode: bool = True) -> list[str]:
     """Every problem of a manifest, one line each, naming the line (header = line 1) and column.
 
@@ -351,10 +421,13 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
     if not path.is_file():
         return [f"manifest not found: {path}"]
     try:
-        table = _read_table(path)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raw = _read_raw(path)
+    except UnicodeDecodeError:
+        return [_not_utf8(path)]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return [f"not a readable CSV file: {first}"]
+    table = _read_table(path, raw)
     problems: list[str] = []
     for column in ("image", "label"):
         if column not in table.columns:
@@ -373,6 +446,9 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
     if problems:
         return problems
     problems += _header_problems(header)
+    spelled = ["label", *(c for c in raw.columns if c == "group" or c.startswith("group:"))]
+    for column in spelled:
+        problems += _spelling_problems(raw[column], column)
     real_path = _RealPaths(str(path.parent.resolve()))
     sizes: dict[tuple[str, bool], tuple[int, int] | None] = {}
 
