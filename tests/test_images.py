@@ -183,7 +183,8 @@ def test_refused_and_misoriented_files_are_named_by_line(tmp_path):
     assert problems == [
         "line 2, image: f.tif: 32-bit floating-point pixels (mode F) have no agreed 8-bit RGB "
         "reading; save the image as 8-bit (or 16-bit) RGB or greyscale PNG/JPEG",
-        "line 4, mask:hair: raw_mask.png is 40x20 but the image is 20x40",
+        "line 4, mask:hair: raw_mask.png is 40x20 but the image is 20x40 upright (its EXIF "
+        "orientation turns the 40x20 pixels the file stores)",
     ]
     # The header-only check (what `audit run` does first) sees the JPEG's orientation too.
     assert validate(path, decode=False) == problems[1:]

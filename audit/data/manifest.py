@@ -348,6 +348,20 @@ def _load(path: Path) -> Manifest:
     )
 
 
+def _turned_note(path: str, upright: tuple[int, int]) -> str:
+    """' (upright: ...)' where an image's file stores it turned (EXIF orientation), else ''."""
+    try:
+        with Image.open(path) as image:
+            stored = image.size
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    if stored == upright:
+        return ""
+    return (
+        f" upright (its EXIF orientation turns the {stored[0]}x{stored[1]} pixels the file stores)"
+    )
+
+
 def _not_utf8(path: Path) -> str:
     """The first line of a file that is not UTF-8, its offending byte, and how to re-save it."""
     data = path.read_bytes()
@@ -483,9 +497,10 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
                 )
         size = sizes[key]
         if size is not None and expected_size is not None and size != expected_size:
+            turned = _turned_note(real_path(image), expected_size)  # `image`: this row's image
             problems.append(
                 f"line {line}, {column}: {value} is {size[0]}x{size[1]} but the image is "
-                f"{expected_size[0]}x{expected_size[1]}"
+                f"{expected_size[0]}x{expected_size[1]}{turned}"
             )
         return size
 
