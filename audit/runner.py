@@ -154,7 +154,7 @@ def _check_eval_split(
         named = "; ".join(f"{label!r} on {lines}" for label, lines in unseen.items())
         where = (
             f"{config.data.manifest}: eval split {config.data.eval_split!r} has class(es) that "
-            f"model {model.name!r}'s train_split {model.train_split!r} never has: {named}"
+            f"model {model.name!r} never saw in its train_split {model.train_split!r}: {named}"
         )
         if not config.data.allow_unseen_classes:
             raise AuditError(

@@ -88,7 +88,8 @@ def test_a_class_training_never_saw_is_refused_naming_its_lines(tmp_path):
         _check_eval_split(config, read_manifest(path), [], print)
     message = str(caught.value)
     assert (
-        "eval split 'test' has class(es) that model 'm''s train_split 'train' never has" in message
+        "eval split 'test' has class(es) that model 'm' never saw in its train_split 'train'"
+        in message
     )
     assert "'surgeon' on lines 7, 9" in message
     assert "data.allow_unseen_classes = true" in message
@@ -189,3 +190,34 @@ def test_a_manifest_that_is_not_utf8_names_the_line_and_how_to_resave(tmp_path):
     assert result.output.strip() == f"{path}: {problem}"
     with pytest.raises(ManifestError, match="line 4 is not UTF-8"):
         read_manifest(path)
+
+
+@pytest.mark.slow
+def test_a_run_leaves_a_one_valued_attribute_out_of_metrics_and_gates(small_dataset, tmp_path):
+    import json
+    import shutil
+
+    from tests.conftest import write_config
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset.parent, data)
+    table = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    table["group:site"] = np.where(table["split"] == "test", "clinic", "home")
+    table.to_csv(data / "manifest.csv", index=False)
+    config = write_config(
+        tmp_path / "audit.toml",
+        data / "manifest.csv",
+        bootstrap=20,
+        model=[{"name": "a", "train_split": "train_biased", "epochs": 1}],
+        explain={"methods": ["gradcam"], "samples_per_cell": 1},
+        trust={"enabled": False},
+    )
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["run", str(config), "--out", str(run), "--no-report", "--quiet", "--workers", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "attribute 'site' has only the value 'clinic'" in (run / "run.log").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["models"]["a"]["fairness"]) == ["sex", "age", "sex x age"]
+    assert not [g for g in metrics["gates"] if "site" in json.dumps(g)]
