@@ -161,7 +161,9 @@ def _check_eval_split(
                 f"{where}; correct the labels, or set data.allow_unseen_classes = true to audit "
                 "them as classes the model cannot predict"
             )
-        log(f"warning: {where} (allowed by data.allow_unseen_classes: they count as mistakes)")
+        log(
+            f"warning: {where} (allowed by data.allow_unseen_classes: their rows stay in every figure, for a model never trained to predict them)"
+        )
     candidates = attributes or manifest.attributes
     left_out = one_valued(evaluated, {a: manifest.group_column(a) for a in candidates})
     for attribute, values in left_out.items():
