@@ -181,8 +181,9 @@ def test_refused_and_misoriented_files_are_named_by_line(tmp_path):
     path = _manifest(tmp_path, rows)
     problems = validate(path)
     assert problems == [
-        "line 2, image: f.tif: 32-bit floating-point pixels (mode F) have no agreed 8-bit RGB "
-        "reading; save the image as 8-bit (or 16-bit) RGB or greyscale PNG/JPEG",
+        "line 2, image: f.tif: pixels Pillow reads as 32-bit floats (mode F: a floating-point "
+        "TIFF) have no agreed 8-bit RGB reading; save the image as an 8-bit (or 16-bit) RGB or "
+        "greyscale PNG, or a JPEG",
         "line 4, mask:hair: raw_mask.png is 40x20 but the image is 20x40 upright (its EXIF "
         "orientation turns the 40x20 pixels the file stores)",
     ]

@@ -24,8 +24,8 @@ from PIL import ExifTags, Image, ImageFile, ImageOps
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 REFUSED = {
-    "I": "32-bit integer pixels (mode I)",
-    "F": "32-bit floating-point pixels (mode F)",
+    "I": "pixels Pillow reads as 32-bit integers (mode I: a 32-bit TIFF, a 16-bit PGM)",
+    "F": "pixels Pillow reads as 32-bit floats (mode F: a floating-point TIFF)",
 }
 ORIENTATION = ExifTags.Base.Orientation
 SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
@@ -63,8 +63,8 @@ def _oriented(image: Image.Image) -> Image.Image:
 
 def _refuse(what: str) -> UnsupportedImageError:
     return UnsupportedImageError(
-        f"{what} have no agreed 8-bit RGB reading; save the image as 8-bit (or 16-bit) "
-        "RGB or greyscale PNG/JPEG"
+        f"{what} have no agreed 8-bit RGB reading; save the image as an 8-bit (or 16-bit) "
+        "RGB or greyscale PNG, or a JPEG"
     )
 
 
