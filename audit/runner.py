@@ -162,7 +162,8 @@ def _check_eval_split(
                 "them as classes the model cannot predict"
             )
         log(
-            f"warning: {where} (allowed by data.allow_unseen_classes: their rows stay in every figure, for a model never trained to predict them)"
+            f"warning: {where} (allowed by data.allow_unseen_classes: their rows stay in every "
+            "figure, for a model never trained to predict them)"
         )
     candidates = attributes or manifest.attributes
     left_out = one_valued(evaluated, {a: manifest.group_column(a) for a in candidates})

@@ -349,7 +349,7 @@ def _load(path: Path) -> Manifest:
 
 
 def _turned_note(path: str, upright: tuple[int, int]) -> str:
-    """' (upright: ...)' where an image's file stores it turned (EXIF orientation), else ''."""
+    """' upright (its EXIF orientation turns ...)' where the image's file stores it turned, else ''."""
     try:
         with Image.open(path) as image:
             stored = image.size
