@@ -141,9 +141,10 @@ def _check_regions(config: AuditConfig, manifest: Manifest) -> None:
 
 def _check_eval_split(
     config: AuditConfig, manifest: Manifest, attributes: list[str], log: Callable[[str], None]
-) -> list[str]:
+) -> tuple[list[str], dict[str, list[str]]]:
     """Refuse eval classes a trained model never saw (unless data.allow_unseen_classes); return the
-    attributes to audit, leaving out (and saying so) those with under two groups in the eval split."""
+    attributes to audit, leaving out (and saying so) those with under two groups in the eval split,
+    and those left out with their values."""
     evaluated = manifest.split(config.data.eval_split)
     for model in config.model:
         if not model.train_split:
@@ -179,7 +180,7 @@ def _check_eval_split(
             f"{config.data.manifest}: no protected attribute has two or more groups in eval split "
             f"{config.data.eval_split!r} ({', '.join(candidates)}); a bias audit compares groups"
         )
-    return kept if left_out else attributes
+    return (kept if left_out else attributes), left_out
 
 
 def _check_layer(name: str, arch: str, model: nn.Module, layer: str | None) -> None:
@@ -234,7 +235,9 @@ class Auditor:
                     f"(attributes: {known})"
                 )
         self.attributes = list(config.data.attributes) or named
-        self.attributes = _check_eval_split(config, self.manifest, self.attributes, self.log)
+        self.attributes, self.left_out = _check_eval_split(
+            config, self.manifest, self.attributes, self.log
+        )
         for model in config.model:
             if model.train_split:
                 rows = self.manifest.split(model.train_split)
@@ -320,6 +323,7 @@ class Auditor:
             "protected_regions": self.config.data.protected_regions,
             "core_regions": self.config.data.core_regions,
             "eval_split": self.config.data.eval_split,
+            "attributes_left_out": self.left_out,  # attribute -> its only value(s) in eval_split
             "splits": splits,
             "region_area": areas,
         }

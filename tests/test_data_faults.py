@@ -115,7 +115,7 @@ def test_the_explicit_key_allows_unseen_classes_and_says_so(tmp_path):
     path = _unseen_manifest(tmp_path)
     config = from_dict(_config(path, allow_unseen_classes=True), tmp_path)
     said: list[str] = []
-    assert _check_eval_split(config, read_manifest(path), [], said.append) == []
+    assert _check_eval_split(config, read_manifest(path), [], said.append) == ([], {})
     assert len(said) == 1 and "'surgeon' on lines 7, 9" in said[0]
     assert "allowed by data.allow_unseen_classes" in said[0]
 
@@ -139,8 +139,10 @@ def test_an_attribute_with_one_value_is_left_out_of_gates_and_intersections(tmp_
     path = _attribute_manifest(tmp_path)
     manifest = read_manifest(path)
     said: list[str] = []
-    kept = _check_eval_split(from_dict(_config(path), tmp_path), manifest, [], said.append)
-    assert kept == ["sex"]
+    kept, left_out = _check_eval_split(
+        from_dict(_config(path), tmp_path), manifest, [], said.append
+    )
+    assert (kept, left_out) == (["sex"], {"site": ["lab"]})
     assert said == [
         "warning: attribute 'site' has only the value 'lab' in eval split 'test': left out of "
         "the fairness figures, gates and intersections"
@@ -155,7 +157,7 @@ def test_an_attribute_with_one_value_is_left_out_of_gates_and_intersections(tmp_
         manifest,
         ["sex", "site"],
         said.append,
-    )
+    )[0]
     assert kept == ["sex"]
     with pytest.raises(AuditError, match="no protected attribute has two or more groups"):
         _check_eval_split(from_dict(_config(path), tmp_path), manifest, ["site"], said.append)
@@ -167,12 +169,12 @@ def test_attributes_with_two_values_are_kept_as_given(tmp_path):
     config.model[0].train_split = "test"
     said: list[str] = []
     # In the train split site has one value too (home): only sex has two there as well.
-    assert _check_eval_split(config, read_manifest(path), [], said.append) == ["sex"]
+    assert _check_eval_split(config, read_manifest(path), [], said.append)[0] == ["sex"]
     table = pd.read_csv(path, dtype=str)
     table.loc[table["split"] == "train", "group:site"] = ["home", "clinic", "home", "clinic"]
     table.to_csv(path, index=False)
     said.clear()
-    assert _check_eval_split(config, read_manifest(path), [], said.append) == []
+    assert _check_eval_split(config, read_manifest(path), [], said.append) == ([], {})
     assert said == []  # nothing left out: the attributes stay as given ([] = all)
 
 
@@ -220,4 +222,5 @@ def test_a_run_leaves_a_one_valued_attribute_out_of_metrics_and_gates(small_data
     assert "attribute 'site' has only the value 'clinic'" in (run / "run.log").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics["models"]["a"]["fairness"]) == ["sex", "age", "sex x age"]
+    assert metrics["data"]["attributes_left_out"] == {"site": ["clinic"]}
     assert not [g for g in metrics["gates"] if "site" in json.dumps(g)]
