@@ -196,3 +196,18 @@ def test_refused_and_misoriented_files_are_named_by_line(tmp_path):
     assert frames[1]["present"].all()
     with pytest.raises(ImageDecodeError, match=r"manifest line 4, mask:hair\): the mask is 40x20"):
         frames[2]
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_value_error_everyone_catches(tmp_path, monkeypatch):
+    """Pillow warns (or raises) for a decompression bomb; the decoder turns both into one
+    ValueError, which validate, the map and `audit explain` all report by file."""
+    from audit.data.images import ImageTooLargeError
+
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 2)  # warns between 1x and 2x
+    with pytest.raises(ImageTooLargeError):
+        read_pixels(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 4)  # raises beyond 2x
+    with pytest.raises(ImageTooLargeError):
+        read_pixels(tmp_path / "big.png")
+    assert issubclass(ImageTooLargeError, ValueError)
