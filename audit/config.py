@@ -11,6 +11,7 @@ eval_split = "test"           # the split audited
 val_split = "val"             # validation during training ("" for none)
 protected_regions = ["hair", "face"]   # regions tied to the protected attribute
 core_regions = ["stethoscope", "badge"]   # regions that should decide the class
+allow_unseen_classes = false  # true: audit eval-split classes a model's train_split lacks
 [[model]]                     # one table per model; two or more are compared
 name = "biased"
 arch = "small_cnn"            # small_cnn, a torchvision name, timm:NAME, hf:FOLDER, python:MODULE:FN
@@ -76,6 +77,7 @@ class DataConfig:
     attributes: list[str] = field(default_factory=list)  # protected attributes; [] = all present
     intersections: bool = True  # also every figure for the intersection of the attributes
     min_cell_size: int = 30  # smaller cells are shown but "too few to judge", skipped by gates
+    allow_unseen_classes: bool = False  # audit eval classes a trained model's split lacks
 
 
 @dataclass

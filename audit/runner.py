@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from audit import __version__
 from audit.config import AuditConfig, ModelConfig
-from audit.data.manifest import Manifest, read_manifest
+from audit.data.manifest import Manifest, one_valued, read_manifest, unseen_classes
 from audit.data.preprocess import Preprocess
 from audit.explain.errors import LayerError
 from audit.explain.layers import resolve_layer
@@ -139,6 +139,50 @@ def _check_regions(config: AuditConfig, manifest: Manifest) -> None:
                 )
 
 
+def _check_eval_split(
+    config: AuditConfig, manifest: Manifest, attributes: list[str], log: Callable[[str], None]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Refuse eval classes a trained model never saw (unless data.allow_unseen_classes); return the
+    attributes to audit, leaving out (and saying so) those with under two groups in the eval split,
+    and those left out with their values."""
+    evaluated = manifest.split(config.data.eval_split)
+    for model in config.model:
+        if not model.train_split:
+            continue
+        unseen = unseen_classes(manifest.split(model.train_split), evaluated)
+        if not unseen:
+            continue
+        named = "; ".join(f"{label!r} on {lines}" for label, lines in unseen.items())
+        where = (
+            f"{config.data.manifest}: eval split {config.data.eval_split!r} has class(es) that "
+            f"model {model.name!r} never saw in its train_split {model.train_split!r}: {named}"
+        )
+        if not config.data.allow_unseen_classes:
+            raise AuditError(
+                f"{where}; correct the labels, or set data.allow_unseen_classes = true to audit "
+                "them as classes the model cannot predict"
+            )
+        log(
+            f"warning: {where} (allowed by data.allow_unseen_classes: their rows stay in every "
+            "figure, for a model never trained to predict them)"
+        )
+    candidates = attributes or manifest.attributes
+    left_out = one_valued(evaluated, {a: manifest.group_column(a) for a in candidates})
+    for attribute, values in left_out.items():
+        has = f"only the value {values[0]!r}" if values else "no value"
+        log(
+            f"warning: attribute {attribute!r} has {has} in eval split "
+            f"{config.data.eval_split!r}: left out of the fairness figures, gates and intersections"
+        )
+    kept = [a for a in candidates if a not in left_out]
+    if not kept:
+        raise AuditError(
+            f"{config.data.manifest}: no protected attribute has two or more groups in eval split "
+            f"{config.data.eval_split!r} ({', '.join(candidates)}); a bias audit compares groups"
+        )
+    return (kept if left_out else attributes), left_out
+
+
 def _check_layer(name: str, arch: str, model: nn.Module, layer: str | None) -> None:
     modules = [n for n, _ in model.named_modules() if n]
     if layer is not None and layer not in modules:
@@ -191,6 +235,9 @@ class Auditor:
                     f"(attributes: {known})"
                 )
         self.attributes = list(config.data.attributes) or named
+        self.attributes, self.left_out = _check_eval_split(
+            config, self.manifest, self.attributes, self.log
+        )
         for model in config.model:
             if model.train_split:
                 rows = self.manifest.split(model.train_split)
@@ -276,6 +323,7 @@ class Auditor:
             "protected_regions": self.config.data.protected_regions,
             "core_regions": self.config.data.core_regions,
             "eval_split": self.config.data.eval_split,
+            "attributes_left_out": self.left_out,  # attribute -> its only value(s) in eval_split
             "splits": splits,
             "region_area": areas,
         }

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from audit.data.manifest import Manifest, parse_box, strict_decoding
+from audit.data.images import read_mask, read_pixels
+from audit.data.manifest import Manifest, parse_box
 
 
 def read_image(path: str, mode: str = "RGB") -> Tensor:
-    """An image file as a (C, H, W) uint8 tensor; mode "RGB" expands greyscale, "L" reads one channel."""
-    with strict_decoding(), Image.open(path) as image:
-        array = np.asarray(image.convert(mode))
-    return (
-        torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
-    )
+    """An image file as a (C, H, W) uint8 tensor, decoded by audit.data.images (every mode to the
+    same 8-bit RGB, upright): mode "RGB" gives (3, H, W); "mask" gives (1, H, W), 255 where the
+    file is nonzero, 0 elsewhere."""
+    if mode == "mask":
+        return torch.from_numpy(read_mask(path)).to(torch.uint8).mul_(255)[None]
+    if mode != "RGB":
+        raise ValueError(f"read_image: mode must be 'RGB' or 'mask', got {mode!r}")
+    return torch.from_numpy(read_pixels(path).copy()).permute(2, 0, 1)
 
 
 def read_rgb(path: str) -> Tensor:
@@ -103,7 +104,7 @@ def load_samples(
         for region in regions:
             mask = None
             if row.get(f"mask:{region}"):
-                full = read_image(str(manifest.resolve(row[f"mask:{region}"])), "L")
+                full = read_image(str(manifest.resolve(row[f"mask:{region}"])), "mask")
                 mask = (
                     TF.resize(full, [size, size], interpolation=TF.InterpolationMode.NEAREST)[0] > 0
                 )

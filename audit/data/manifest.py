@@ -30,13 +30,19 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
 import pandas as pd
-from PIL import Image, ImageFile
+from PIL import Image
+
+from audit.data.images import (
+    UnsupportedImageError,
+    oriented_size,
+    read_mask,
+    read_pixels,
+    strict_decoding,
+)
 
 CORE_COLUMNS = ("image", "label", "group", "split", "twin")
 REGION_PREFIXES = ("mask", "box")
@@ -249,21 +255,6 @@ class _RealPaths:
         return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
 
 
-@contextmanager
-def strict_decoding() -> Iterator[None]:
-    """Make Pillow refuse truncated files, whatever another library set globally.
-
-    WeasyPrint sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` when imported, which would let a
-    truncated image through validation in any process that has rendered a PDF.
-    """
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -284,17 +275,19 @@ def _png_header_size(path: str | Path) -> tuple[int, int] | None:
     return width, height
 
 
-def _image_size(path: str | Path, decode: bool = True) -> tuple[int, int]:
-    """(width, height) of an image; raises OSError for an unreadable file, and with `decode` (the
-    whole file decoded, not only its header) for a truncated one."""
-    if not decode and (size := _png_header_size(path)) is not None:
+def _image_size(path: str | Path, decode: bool = True, mask: bool = False) -> tuple[int, int]:
+    """(width, height) of an image as the audit reads it (EXIF orientation applied); raises OSError
+    for an unreadable file, and with `decode` (the whole file decoded by audit.data.images, as the
+    audit will, as a mask with `mask`) for a truncated one or pixels it refuses (ValueError)."""
+    if decode:
+        pixels = read_mask(path) if mask else read_pixels(path)
+        return pixels.shape[1], pixels.shape[0]
+    if (size := _png_header_size(path)) is not None:
         return size
     with warnings.catch_warnings(), strict_decoding():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            if decode:
-                image.load()
-            return image.size
+            return oriented_size(image)
 
 
 def parse_box(value: str) -> tuple[float, float, float, float]:
@@ -320,9 +313,15 @@ def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = 
     return _load(path)
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_raw(path: Path) -> pd.DataFrame:
+    """The cells as written (headers stripped of surrounding spaces, cells not)."""
     table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=False)
     table.columns = [str(c).strip() for c in table.columns]
+    return table
+
+
+def _read_table(path: Path, raw: pd.DataFrame | None = None) -> pd.DataFrame:
+    table = (_read_raw(path) if raw is None else raw).copy()
     for column in table.columns:
         table[column] = table[column].str.strip()
     for column in ("group", "split", "twin"):
@@ -349,6 +348,84 @@ def _load(path: Path) -> Manifest:
     )
 
 
+def _turned_note(path: str, upright: tuple[int, int]) -> str:
+    """' upright (its EXIF orientation turns ...)' where the image's file stores it turned, else ''."""
+    try:
+        with Image.open(path) as image:
+            stored = image.size
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    if stored == upright:
+        return ""
+    return (
+        f" upright (its EXIF orientation turns the {stored[0]}x{stored[1]} pixels the file stores)"
+    )
+
+
+def _not_utf8(path: Path) -> str:
+    """The first line of a file that is not UTF-8, its offending byte, and how to re-save it."""
+    data = path.read_bytes()
+    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            shown = line.decode("utf-8", errors="replace").strip()
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return (
+                f"line {number} is not UTF-8 (byte 0x{line[error.start]:02X} at byte "
+                f"{error.start + 1} of the line: {shown!r}); re-save the file as UTF-8 (a "
+                "spreadsheet's 'CSV UTF-8' format, or `iconv -f cp1252 -t utf-8 old.csv > "
+                "new.csv` when it came from Windows)"
+            )
+    return "not UTF-8"  # not reached: pandas found an undecodable byte somewhere
+
+
+def _lines(positions: pd.Index | list[int], shown: int = 3) -> str:
+    """'lines 2, 5, 9 and 4 more' for row positions (line = position + 2)."""
+    lines = [str(p + 2) for p in positions]
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return f"line{'s' if len(lines) > 1 else ''} {', '.join(lines[:shown])}{more}"
+
+
+def _spelling_problems(values: pd.Series, column: str) -> list[str]:
+    """Values of one column that differ only by case or surrounding spaces ('Doctor ', 'doctor'):
+    one line per such set, each spelling with the lines it is on."""
+    values = values.reset_index(drop=True)
+    keys = values.str.strip().str.casefold()
+    spellings = values[keys != ""].groupby(keys[keys != ""], sort=True).unique()
+    problems = []
+    for variants in spellings[spellings.map(len) > 1]:
+        where = "; ".join(
+            f"{v!r} on {_lines(values.index[values == v].tolist())}" for v in sorted(variants)
+        )
+        problems.append(
+            f"{column}: {where}: these differ only by case or surrounding spaces; write one "
+            "spelling (as they are, they would be separate "
+            f"{'classes' if column == 'label' else 'groups'} or merged without notice)"
+        )
+    return problems
+
+
+def unseen_classes(train: pd.DataFrame, evaluated: pd.DataFrame) -> dict[str, str]:
+    """Labels of the evaluated rows that no training row has, each with its manifest lines
+    ('lines 40, 41 and 3 more'): a model never trained on a class cannot predict it."""
+    missing = sorted(set(evaluated["label"]) - set(train["label"]))
+    return {
+        label: _lines(evaluated.index[evaluated["label"] == label].tolist()) for label in missing
+    }
+
+
+def one_valued(rows: pd.DataFrame, columns: dict[str, str]) -> dict[str, list[str]]:
+    """Attributes (name -> column) with fewer than two known values in `rows`, with those values:
+    no group can be compared with another, so they carry no fairness figure or gate."""
+    out = {}
+    for attribute, column in columns.items():
+        known = sorted(set(rows[column]) - {""})
+        if len(known) < 2:
+            out[attribute] = known
+    return out
+
+
 def validate(path: str | Path, *, check_files: bool = True, decode: bool = True) -> list[str]:
     """Every problem of a manifest, one line each, naming the line (header = line 1) and column.
 
@@ -358,10 +435,13 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
     if not path.is_file():
         return [f"manifest not found: {path}"]
     try:
-        table = _read_table(path)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raw = _read_raw(path)
+    except UnicodeDecodeError:
+        return [_not_utf8(path)]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return [f"not a readable CSV file: {first}"]
+    table = _read_table(path, raw)
     problems: list[str] = []
     for column in ("image", "label"):
         if column not in table.columns:
@@ -380,8 +460,11 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
     if problems:
         return problems
     problems += _header_problems(header)
+    spelled = ["label", *(c for c in raw.columns if c == "group" or c.startswith("group:"))]
+    for column in spelled:
+        problems += _spelling_problems(raw[column], column)
     real_path = _RealPaths(str(path.parent.resolve()))
-    sizes: dict[str, tuple[int, int] | None] = {}
+    sizes: dict[tuple[str, bool], tuple[int, int] | None] = {}
 
     def check_file(
         line: int, column: str, value: str, expected_size: tuple[int, int] | None
@@ -399,20 +482,25 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
         if not os.path.isfile(full):
             problems.append(f"line {line}, {column}: file not found: {value}")
             return None
-        if value not in sizes:
+        key = (value, column.startswith("mask:"))
+        if key not in sizes:
             try:
-                sizes[value] = _image_size(full, decode)
+                sizes[key] = _image_size(full, decode, mask=key[1])
+            except UnsupportedImageError as error:
+                sizes[key] = None
+                problems.append(f"line {line}, {column}: {value}: {error}")
             except (OSError, SyntaxError, Image.DecompressionBombWarning, ValueError) as error:
-                sizes[value] = None
+                sizes[key] = None
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 problems.append(
                     f"line {line}, {column}: unreadable or truncated image {value}: {reason}"
                 )
-        size = sizes[value]
+        size = sizes[key]
         if size is not None and expected_size is not None and size != expected_size:
+            turned = _turned_note(real_path(image), expected_size)  # `image`: this row's image
             problems.append(
                 f"line {line}, {column}: {value} is {size[0]}x{size[1]} but the image is "
-                f"{expected_size[0]}x{expected_size[1]}"
+                f"{expected_size[0]}x{expected_size[1]}{turned}"
             )
         return size
 

@@ -140,7 +140,14 @@ class FrameDataset(Dataset):
     def _region(self, i: int, name: str, size: tuple[int, int]) -> Tensor | None:
         """The region's mask in the original image's pixels, or None where the row has none."""
         if self.cell(i, f"mask:{name}"):
-            return self._read(i, f"mask:{name}", "L")[0] > 0
+            mask = self._read(i, f"mask:{name}", "mask")[0] > 0
+            if tuple(mask.shape) != size:
+                raise ImageDecodeError(
+                    f"{self.root / self.cell(i, f'mask:{name}')} (manifest line {self.lines[i]}, "
+                    f"mask:{name}): the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                    f"{size[1]}x{size[0]} (after EXIF orientation)"
+                )
+            return mask
         if box := self.cell(i, f"box:{name}"):
             x0, y0, x1, y1 = parse_box(box)
             mask = torch.zeros(size, dtype=torch.bool)
