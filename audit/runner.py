@@ -175,6 +175,12 @@ class Auditor:
     def load_data(self) -> None:
         config = self.config
         self.manifest = read_manifest(config.manifest_path, decode=False)  # the map decodes
+        if not self.manifest.regions:  # labels only: discovery still works, region measures not
+            self.log(
+                "data: the manifest has no mask: or box: columns, so region-based measures "
+                "(attention shares, occlusion) are skipped; slices and strategies are still found"
+            )
+            config.data.protected_regions, config.data.core_regions = [], []
         _check_regions(config, self.manifest)
         table = self.manifest.table
         self.classes = sorted(set(table["label"]))

@@ -28,6 +28,7 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
 MIN_PER_CLUSTER = 10  # a class with fewer images than 2x this is not clustered
+SILHOUETTE_SAMPLE = 2000  # silhouette on a seeded sample of this many points (O(n^2) otherwise)
 TYPICAL = 6  # most typical images kept per strategy and slice (for the report's gallery)
 
 
@@ -67,10 +68,13 @@ def choose_clusters(
     best_labels, best_score = np.zeros(n, dtype=np.int64), min_silhouette
     for k in range(2, min(max_k, n // MIN_PER_CLUSTER) + 1):
         labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
-        if np.bincount(labels).min() < 2:
+        if np.unique(labels).size < k or np.bincount(labels).min() < 2:
+            continue  # duplicate points: fewer distinct clusters than asked
+        sample = None if n <= SILHOUETTE_SAMPLE else SILHOUETTE_SAMPLE
+        try:
+            score = silhouette_score(points, labels, sample_size=sample, random_state=seed)
+        except ValueError:  # the seeded sample drew a single cluster
             continue
-        sample = min(n, 2000)
-        score = silhouette_score(points, labels, sample_size=sample, random_state=seed)
         if score > best_score:
             best_labels, best_score = labels.astype(np.int64), score
     return best_labels

@@ -52,7 +52,9 @@ class MapSpec:
     def region_tensors(
         self, batch: dict[str, Tensor], device: torch.device
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Masks and presence per region and union, on `device`."""
+        """Masks and presence per region and union, on `device` (none for a labels-only set)."""
+        if "regions" not in batch:
+            return {}, {}
         masks = batch["regions"].to(device)
         present = batch["present"].to(device)
         regions = {name: masks[:, i] for i, name in enumerate(self.regions)}
