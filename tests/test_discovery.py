@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
@@ -19,6 +21,7 @@ from audit.metrics.discovery import (
     overlap,
     strategies,
 )
+from audit.metrics.gates import resolve_gates
 
 
 def blobs(rng: np.random.Generator, centers: list[np.ndarray], sizes: list[int]) -> np.ndarray:
@@ -125,3 +128,31 @@ def test_overlap_by_hand() -> None:
     )
     ranked = best_matches(members, {"g": group, "all": np.array([1, 2, 3, 4])})
     assert ranked[0]["group"] == "all" and ranked[0]["f1"] == 1.0
+
+
+def test_the_slice_gate_applies_only_when_named() -> None:
+    assert "min_slice_accuracy" not in resolve_gates(None)
+    assert "min_slice_accuracy" not in resolve_gates({"defaults": True})
+    assert resolve_gates({"min_slice_accuracy": 0.6}) == {"min_slice_accuracy": (0.6, "config")}
+
+
+def test_the_demo_discovers_the_biased_models_failing_cells(demo_run) -> None:
+    """Slices use no group column (embeddings, labels and errors only), so the demo's slices are
+    those of the demo with its group columns removed; the groups only name them afterwards."""
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    biased = metrics["models"]["biased"]["discovery"]
+    worst = next(s for s in biased["slices"] if s["id"] == biased["worst_slice"]["id"])
+    assert worst["matches"][0]["group"] in ("nurse / sex=male", "doctor / sex=female")
+    assert worst["matches"][0]["precision"] >= 0.8
+    assert worst["gap"] < -0.5
+    assert not biased["unnamed_failure"]  # the data set names the cell it fails on
+    unbiased = metrics["models"]["unbiased"]["discovery"]
+    assert all(s["gap"] > -0.10 for s in unbiased["slices"])
+    samples = pd.read_csv(demo_run / "samples.csv")
+    rows = samples[samples["model"] == "biased"]
+    members = rows[rows["slice"] == worst["id"]]
+    assert len(members) == worst["size"]
+    assert members["correct"].mean() == pytest.approx(worst["accuracy"]["value"])
+    html = (demo_run / "report.html").read_text()
+    assert "Slices and strategies found from the model" in html
+    assert 'id="slice-biased-' in html
