@@ -586,6 +586,7 @@ class Auditor:
         )
         shown = np.array(sorted({p for cell in mistakes.values() for p in cell["shown"]}), int)
         discovery, discovered = self.discover(spec, rows)
+        self._lap(f"{spec.name}: slices and strategies discovered")
         positions = np.union1d(gallery, shown)
         for finding in [*discovery.get("slices", []), *discovery.get("strategies", [])]:
             positions = np.union1d(positions, finding["typical_positions"])

@@ -156,3 +156,39 @@ def test_the_demo_discovers_the_biased_models_failing_cells(demo_run) -> None:
     html = (demo_run / "report.html").read_text()
     assert "Slices and strategies found from the model" in html
     assert 'id="slice-biased-' in html
+
+
+def test_a_hidden_shortcut_no_column_names_is_found(tmp_path) -> None:
+    """A corner mark on 95% of the nurses a model trains on and on half the test nurses, named by
+    no manifest column: the audit finds the unmarked test nurses as a failing slice."""
+    from click.testing import CliRunner
+
+    from audit.cli import main
+    from audit.data.doctor_nurse import DoctorNurseSpec, generate
+    from tests.conftest import write_config
+
+    spec = DoctorNurseSpec(seed=1, n_train=600, n_val=40, n_test=200, mark_class="nurse")
+    manifest = generate(spec, tmp_path / "dn", progress=False)
+    assert "hidden_mark" not in pd.read_csv(manifest, nrows=1).columns
+    config = write_config(
+        tmp_path / "audit.toml",
+        manifest,
+        model=[{"name": "marked", "train_split": "train_marked", "epochs": 5}],
+        trust={"enabled": False},
+    )
+    result = CliRunner().invoke(
+        main, ["run", str(config), "--out", str(tmp_path / "run"), "--no-report", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    samples = pd.read_csv(tmp_path / "run" / "samples.csv")
+    marks = pd.read_csv(manifest.parent / "hidden_mark.csv")
+    samples = samples.merge(marks, on="image")
+    unmarked = np.flatnonzero((samples["label"] == "nurse") & ~samples["hidden_mark"])
+    block = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["marked"]
+    discovery = block["discovery"]
+    worst = discovery["worst_slice"]["id"]
+    members = np.flatnonzero(samples["slice"] == worst)
+    match = overlap(members, unmarked)
+    assert match["precision"] >= 0.8 and match["recall"] >= 0.8, match
+    assert discovery["worst_slice"]["accuracy"]["value"] < 0.5
+    assert discovery["unnamed_failure"]

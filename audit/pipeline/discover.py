@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from audit.metrics.discovery import (
     SliceSettings,
@@ -115,7 +116,13 @@ def discover(
     data: DiscoveryInput, seed: int, settings: SliceSettings | None = None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """metrics.json's `discovery` block and per-row `slice` / `strategy` ids (0: none)."""
-    settings = settings or SliceSettings()
+    with threadpool_limits(limits=1):  # small problems: OpenMP threads beside torch's only contend
+        return _discover(data, seed, settings or SliceSettings())
+
+
+def _discover(
+    data: DiscoveryInput, seed: int, settings: SliceSettings
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     correct = data.rows["correct"].to_numpy(bool)
     n = len(data.rows)
     if "embedding" not in data.rows or n == 0:

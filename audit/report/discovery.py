@@ -52,9 +52,7 @@ def _match_text(matches: list[dict[str, Any]]) -> str:
     if not matches or matches[0]["f1"] == 0:
         return "no annotated group"
     best = matches[0]
-    return (
-        f"{best['group']} (precision {pct(best['precision'])}, recall {pct(best['recall'])})"
-    )
+    return f"{best['group']} (precision {pct(best['precision'])}, recall {pct(best['recall'])})"
 
 
 def _finding(run_dir: Path, model: str, entry: dict[str, Any], kind: str) -> dict[str, Any]:
