@@ -148,6 +148,25 @@ data.add_command(import_)
     default=0.7,
     help="Share of nurses who are young in train_biased (each sex alike).",
 )
+@click.option(
+    "--mark-class",
+    type=click.Choice(["", "doctor", "nurse"]),
+    default="",
+    help="Add a hidden shortcut: a corner mark on this class's images, named by no column "
+    "(split train_marked; which images carry it: hidden_mark.csv).",
+)
+@click.option(
+    "--mark-train",
+    type=click.FloatRange(0, 1),
+    default=0.95,
+    help="Share of the mark class's train_marked images with the mark.",
+)
+@click.option(
+    "--mark-test",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    help="Share of the mark class's val and test images with the mark.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors

@@ -57,6 +57,7 @@ from typing import Any
 import tomllib
 
 from audit.explain import METHODS
+from audit.metrics.discovery import SliceSettings
 from audit.metrics.gates import GATES, resolve_gates
 from audit.metrics.trust.config import TrustConfig
 from audit.models.mitigations import MitigationConfig, MitigationError
@@ -145,6 +146,22 @@ class ExplainConfig:
 
 
 @dataclass
+class DiscoveryConfig:
+    """`[discovery]`: slices and explanation strategies found from the model itself."""
+
+    enabled: bool = True  # false: no slice or strategy discovery
+    components: int = 2  # mixture components per class (the failing region and the rest)
+    error_weight: float = 3.0  # weight of "the model was wrong" in the mixture's likelihood
+    min_slice_size: int = 20  # smaller components are not reported as slices
+
+    def slice_settings(self) -> SliceSettings:
+        """The discovery module's settings from this table."""
+        return SliceSettings(
+            components=self.components, error_weight=self.error_weight, min_size=self.min_slice_size
+        )
+
+
+@dataclass
 class GateConfig:
     """The `[gates]` table: one field per gate of `audit.metrics.gates.GATES` (same name), None
     when not given. Which gates apply is resolved by `check` (see audit.metrics.gates): without a
@@ -158,6 +175,7 @@ class GateConfig:
     max_flip_rate: float | None = None
     max_attention_gap_between_groups: float | None = None
     max_protected_occlusion_effect: float | None = None
+    min_slice_accuracy: float | None = None
     defaults: bool = False
     from_defaults: list[str] = field(default_factory=list)
 
@@ -177,6 +195,7 @@ class AuditConfig:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     gates: GateConfig = field(default_factory=lambda: GateConfig(defaults=True))
     trust: TrustConfig = field(default_factory=TrustConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     @property
@@ -315,6 +334,10 @@ def check(config: AuditConfig) -> None:
     if config.explain.batch_size < 1:
         raise ConfigError("explain.batch_size must be >= 1")
     config.trust.check()
+    if config.discovery.components < 2 or config.discovery.min_slice_size < 1:
+        raise ConfigError("discovery.components must be >= 2 and discovery.min_slice_size >= 1")
+    if config.discovery.error_weight < 0:
+        raise ConfigError("discovery.error_weight must be >= 0")
     if config.data.min_cell_size < 0:
         raise ConfigError("data.min_cell_size must be >= 0")
     if config.data.image_size < 8:

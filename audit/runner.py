@@ -48,6 +48,7 @@ from audit.models.sources import Prepared, build_model, check_arch, prepare_mode
 from audit.models.train import TrainConfig, train_model
 from audit.models.zoo import default_layer
 from audit.pipeline import map as mapping
+from audit.pipeline.discover import DiscoveryInput, discover
 from audit.pipeline.frames import FrameDataset, ImageDecodeError, float_pixels
 from audit.pipeline.gallery import (
     MAX_FLIPPED_SHOWN,
@@ -218,6 +219,12 @@ class Auditor:
     def load_data(self) -> None:
         config = self.config
         self.manifest = read_manifest(config.manifest_path, decode=False)  # the map decodes
+        if not self.manifest.regions:  # labels only: discovery still works, region measures not
+            self.log(
+                "data: the manifest has no mask: or box: columns, so region-based measures "
+                "(attention shares, occlusion) are skipped; slices and strategies are still found"
+            )
+            config.data.protected_regions, config.data.core_regions = [], []
         _check_regions(config, self.manifest)
         table = self.manifest.table
         self.classes = sorted(set(table["label"]))
@@ -559,6 +566,41 @@ class Auditor:
         table = pd.DataFrame(columns)
         return table[~bad].reset_index(drop=True) if bad.any() else table
 
+    def discover(
+        self, spec: ModelConfig, rows: pd.DataFrame
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Slices and strategies of one model from its map rows (positions over the eval split)."""
+        settings = self.config.discovery
+        if not settings.enabled:
+            return {"skipped": "switched off ([discovery] enabled = false)"}, {}
+        keep = rows["ok"].to_numpy(bool)
+        eval_rows = self.eval_rows.reset_index(drop=True)[keep]
+        data = DiscoveryInput(
+            rows=rows[keep].reset_index(drop=True),
+            images=eval_rows["image"].to_numpy(),
+            labels=np.searchsorted(self.classes, eval_rows["label"].to_numpy()),
+            classes=list(self.classes),
+            attributes={
+                a: eval_rows[self.manifest.attribute_columns[a]].astype(str).to_numpy()
+                for a in self.attributes
+            },
+            min_cell_size=self.config.data.min_cell_size,
+        )
+        block, columns = discover(data, self.config.seed, settings.slice_settings())
+        ok_positions = np.flatnonzero(keep)
+        for finding in [*block.get("slices", []), *block.get("strategies", [])]:
+            finding["typical_positions"] = [
+                int(ok_positions[p]) for p in finding["typical_positions"]
+            ]
+        worst = block.get("worst_slice")
+        if worst:
+            self.log(
+                f"{spec.name}: worst discovered slice {worst['id']} at accuracy "
+                f"{worst['accuracy']['value']:.3f} ({len(block['slices'])} slices, "
+                f"{len(block['strategies'])} explanation strategies)"
+            )
+        return block, columns  # aligned with samples.csv's rows (decodable images)
+
     def audit_model(
         self, spec: ModelConfig, gallery: np.ndarray
     ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
@@ -591,7 +633,12 @@ class Auditor:
             self.config.explain.mistakes_per_cell,
         )
         shown = np.array(sorted({p for cell in mistakes.values() for p in cell["shown"]}), int)
-        positions = np.union1d(gallery, shown).astype(np.int64)
+        discovery, discovered = self.discover(spec, rows)
+        self._lap(f"{spec.name}: slices and strategies discovered")
+        positions = np.union1d(gallery, shown)
+        for finding in [*discovery.get("slices", []), *discovery.get("strategies", [])]:
+            positions = np.union1d(positions, finding["typical_positions"])
+        positions = positions.astype(np.int64)
         flipped = (
             np.flatnonzero(rows["flipped"].to_numpy(bool))[:MAX_FLIPPED_SHOWN]
             if "flipped" in rows
@@ -627,6 +674,8 @@ class Auditor:
         added = {key: columns[key][keep] for key in order}
         info["layer"] = layer or self.found_layer(spec, model)
         info["mistakes_shown"] = mistakes
+        info["discovery"] = discovery
+        added |= discovered
         extra: dict[str, Any] = {}
         if self.config.trust.enabled:
             sample = self.trust_positions

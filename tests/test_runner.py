@@ -132,7 +132,14 @@ def test_run_folder_contents(small_run, small_dataset):
         for position in entry["shown"]:
             assert (true_maps / f"{position:05d}.png").is_file()
     drawn = {int(p.stem) for p in true_maps.glob("*.png")}
-    sampled_wrong = set(metrics["gallery"]) & set(wrong.index)  # the per-cell sample, when wrong
+    discovery = metrics["models"]["a"]["discovery"]
+    typical = {
+        p
+        for finding in [*discovery["slices"], *discovery["strategies"]]
+        for p in finding["typical_positions"]
+    }  # the discovered slices' and strategies' most typical images, drawn for the report
+    # The per-cell sample and the typical images, where they are wrong.
+    sampled_wrong = (set(metrics["gallery"]) | typical) & set(wrong.index)
     assert drawn == {p for entry in shown.values() for p in entry["shown"]} | sampled_wrong
     listed = pd.read_csv(small_run / "mistakes.csv", keep_default_na=False)
     assert len(listed[listed["model"] == "a"]) == len(wrong)
@@ -404,3 +411,23 @@ def test_software_versions_are_those_of_the_imported_packages() -> None:
     modules |= {"torch": torch, "numpy": np, "pandas": pd}
     for name, module in modules.items():
         assert versions[name] == module.__version__, name
+
+
+def test_a_labels_only_data_set_gets_the_same_slices(small_run, small_dataset, tmp_path):
+    """No mask, box, group or twin column: region measures are skipped with a note, and the
+    slices found are those of the same audit with every annotation (they use none of them)."""
+    table = pd.read_csv(small_dataset, keep_default_na=False)
+    labels_only = small_dataset.parent / "labels_only_manifest.csv"
+    table[["image", "label", "split"]].to_csv(labels_only, index=False)
+    config = write_config(tmp_path / "audit.toml", labels_only)
+    result = invoke("run", config, "--out", tmp_path / "run", "--no-report", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "region-based measures" in (tmp_path / "run" / "run.log").read_text()
+    ours = pd.read_csv(tmp_path / "run" / "samples.csv")
+    full = pd.read_csv(small_run / "samples.csv")
+    assert list(ours["image"]) == list(full["image"])
+    assert (ours["slice"].to_numpy() == full["slice"].to_numpy()).all()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for model in metrics["models"].values():
+        assert model["discovery"]["slices"]
+        assert all(not s["matches"] for s in model["discovery"]["slices"])  # nothing names them

@@ -51,6 +51,13 @@ class DoctorNurseSpec:
     nurse_female: float = 0.93  # share of nurses who are women in train_biased
     doctor_old: float = 0.7  # share of doctors who are old in train_biased (each sex alike)
     nurse_young: float = 0.7  # share of nurses who are young in train_biased (each sex alike)
+    # A hidden shortcut no manifest column names: a small mark in the top-left corner on this
+    # class's images ("" for none), on `mark_train` of them in an extra split `train_marked`
+    # (balanced like train_balanced) and on `mark_test` of them in val and test. Which images
+    # carry it is written to hidden_mark.csv beside the manifest, for checking a discovery only.
+    mark_class: str = ""
+    mark_train: float = 0.95
+    mark_test: float = 0.5
 
     def validate(self) -> None:
         if self.image_size < 32:
@@ -58,7 +65,18 @@ class DoctorNurseSpec:
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) < 4:
                 raise ValueError(f"{name} must be at least 4, got {getattr(self, name)}")
-        for name in ("doctor_male", "nurse_female", "doctor_old", "nurse_young"):
+        if self.mark_class and self.mark_class not in LABELS:
+            raise ValueError(
+                f"mark class must be one of {', '.join(LABELS)}, got {self.mark_class}"
+            )
+        for name in (
+            "doctor_male",
+            "nurse_female",
+            "doctor_old",
+            "nurse_young",
+            "mark_train",
+            "mark_test",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie between 0 and 1, got {getattr(self, name)}")
 
@@ -86,7 +104,7 @@ def cell_counts(
 def split_plan(spec: DoctorNurseSpec) -> dict[str, dict[Cell, int]]:
     """The (label, sex, age) cell counts of every split."""
     balanced = {"doctor": 0.5, "nurse": 0.5}
-    return {
+    plan = {
         "train_biased": cell_counts(
             spec.n_train,
             {"doctor": spec.doctor_male, "nurse": 1 - spec.nurse_female},
@@ -96,6 +114,27 @@ def split_plan(spec: DoctorNurseSpec) -> dict[str, dict[Cell, int]]:
         "val": cell_counts(spec.n_val, balanced),
         "test": cell_counts(spec.n_test, balanced),
     }
+    if spec.mark_class:
+        plan["train_marked"] = cell_counts(spec.n_train, balanced)
+    return plan
+
+
+def mark_share(spec: DoctorNurseSpec, split: str, label: str) -> float:
+    """The share of a split's images of `label` that carry the hidden mark."""
+    if not spec.mark_class or label != spec.mark_class:
+        return 0.0
+    return {"train_marked": spec.mark_train, "val": spec.mark_test, "test": spec.mark_test}.get(
+        split, 0.0
+    )
+
+
+def draw_mark(image: Image.Image) -> Image.Image:
+    """The hidden mark: a small white square with a black border, in the top-left corner."""
+    pixels = np.array(image)
+    side = max(3, image.width // 12)
+    pixels[1 : 1 + side, 1 : 1 + side] = 0
+    pixels[2:side, 2:side] = 255
+    return Image.fromarray(pixels)
 
 
 def _swap(value: str, values: tuple[str, str]) -> str:
@@ -128,6 +167,13 @@ def _render_chunk(job: _Job) -> list[dict]:
         rng = np.random.default_rng([spec.seed, job.split_index, index])
         params = sample_params(rng, spec.image_size)
         image, masks = render(params, label, sex, age)
+        share = mark_share(spec, job.split, label)
+        marked = (
+            bool(share)
+            and np.random.default_rng([spec.seed, job.split_index, index, 7]).uniform() < share
+        )
+        if marked:
+            image = draw_mark(image)
         stem = f"{job.split}/{index:05d}"
         row = {
             "image": f"images/{stem}.png",
@@ -145,6 +191,7 @@ def _render_chunk(job: _Job) -> list[dict]:
                 ("age", (sex, _swap(age, AGES))),
             ):
                 twin, _ = render(params, label, *person)
+                twin = draw_mark(twin) if marked else twin
                 twins[attribute] = f"twins/{stem}_{attribute}.png"
                 twin.save(root / twins[attribute], optimize=False)
         row["twin"] = twins["sex"]
@@ -158,6 +205,8 @@ def _render_chunk(job: _Job) -> list[dict]:
                 row[f"mask:{region}"] = ""
         row["box:person"] = _box(masks["person"])
         row["job_cue"] = JOB_CUES[label]
+        if spec.mark_class:
+            row["hidden_mark"] = marked  # moved out of the manifest into hidden_mark.csv
         rows.append(row)
     return rows
 
@@ -214,6 +263,11 @@ def generate(
                 bar.update(len(chunk_rows))
         bar.close()
         frame = pd.DataFrame(rows)
+        if spec.mark_class:
+            frame[["image", "hidden_mark"]].to_csv(
+                tmp / "hidden_mark.csv", index=False, lineterminator="\n"
+            )
+            frame = frame.drop(columns="hidden_mark")
         frame.to_csv(tmp / "manifest.csv", index=False, lineterminator="\n")
         (tmp / "README.md").write_text(describe(spec, frame))
         if out.exists():

@@ -52,6 +52,9 @@ class Explanation:
     low_res: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     layer: str | None = None
     layout: Layout | None = None  # how the layer's output was read as a (N, C, h, w) map
+    # The explained layer's activation averaged over space, (N, C): for a network ending in global
+    # average pooling, exactly its penultimate features. None when no layer was hooked.
+    embedding: Tensor | None = None
 
     @property
     def probs(self) -> Tensor:
@@ -247,6 +250,8 @@ def explain_many(
         layout = layer_layout(model, layer_name, module, capture.activation, images)
         activation = layout.to_map(capture.activation.detach())
     result = Explanation(logits=logits.detach(), targets=resolved, layer=layer_name, layout=layout)
+    if activation is not None:
+        result.embedding = activation.mean(dim=(2, 3))
     cam_weights = _cam_weights(model, activation, logits) if "cam" in methods else None
     size = (images.shape[2], images.shape[3])
 

@@ -44,6 +44,8 @@ class Gate:
     # The explanation method the metric is measured with: where the run's randomization test
     # says that method's maps do not depend on the model, the gate is "not trusted".
     method: str | None = None
+    # An opt-in gate applies only where a config names it, never as a default.
+    opt_in: bool = False
 
 
 GATES: dict[str, Gate] = {
@@ -138,6 +140,21 @@ GATES: dict[str, Gate] = {
             "model that uses the attribute loses far more when it cannot see it."
         ),
     ),
+    "min_slice_accuracy": Gate(
+        metric=("discovery", "worst_slice", "accuracy"),
+        op=">=",
+        label="accuracy of the worst discovered slice",
+        default=0.70,
+        opt_in=True,
+        protects=(
+            "A model that fails a coherent group of images that no annotation names (a "
+            "background, a watermark, a scanner), found from the model's own features."
+        ),
+        why_default=(
+            "A choice of this project, applied only when a config names it: discovered slices "
+            "are found where the model errs, so a floor well below the worst-group gate's."
+        ),
+    ),
 }
 
 
@@ -165,7 +182,7 @@ def resolve_gates(table: Mapping[str, Any] | None) -> dict[str, tuple[float, str
             resolved[key] = (gate.default if value is None else float(value), "default")
         elif value is not None:
             resolved[key] = (float(value), "config")
-        elif table.get("defaults"):
+        elif table.get("defaults") and not gate.opt_in:
             resolved[key] = (gate.default, "default")
     return resolved
 

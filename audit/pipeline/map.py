@@ -14,11 +14,13 @@ import ctypes
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from audit.explain import explain_many, mask_boxes
@@ -27,6 +29,7 @@ from audit.metrics.attention import region_attention
 from audit.metrics.counterfactual import fill_regions_with_mean
 from audit.pipeline.frames import FrameDataset, float_pixels
 
+HEAT_GRID = (8, 8)  # each image's Grad-CAM kept at this size for strategy discovery
 PROTECTED = "protected"  # union of the protected regions
 CORE = "core"  # union of the core regions
 
@@ -44,11 +47,14 @@ class MapSpec:
     twin_attributes: list[str] = field(default_factory=list)
     batch_size: int = 64
     autocast: bool = False  # bfloat16 autocast for the forward (GPU inference)
+    keep_embeddings: bool = True  # keep each image's embedding and pooled map (for discovery)
 
     def region_tensors(
         self, batch: dict[str, Tensor], device: torch.device
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Masks and presence per region and union, on `device`."""
+        """Masks and presence per region and union, on `device` (none for a labels-only set)."""
+        if "regions" not in batch:
+            return {}, {}
         masks = batch["regions"].to(device)
         present = batch["present"].to(device)
         regions = {name: masks[:, i] for i, name in enumerate(self.regions)}
@@ -96,6 +102,11 @@ def map_batch(
         columns[f"area:{name}"] = torch.where(present[name], area, torch.nan)
     if "twins" in batch:
         columns |= counterfactual_columns(model, spec, batch, x, prediction, regions, device)
+    if spec.keep_embeddings and result.embedding is not None:
+        # What slice and strategy discovery read later: a few hundred bytes per image.
+        columns["embedding"] = result.embedding.float().half()
+        pooled = F.adaptive_avg_pool2d(heat[:, None], HEAT_GRID)[:, 0]
+        columns["heat"] = pooled.flatten(1).half()
     return {k: v.detach().cpu().numpy() for k, v in columns.items()}
 
 
@@ -230,7 +241,10 @@ def map_shards(
 
 
 def _table(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    columns: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    for key, values in columns.items():
+        if values.ndim == 2:  # a vector per image (embeddings, pooled maps): one list cell each
+            columns[key] = list(values)
     return pd.DataFrame(columns).sort_values("index", kind="stable").reset_index(drop=True)
 
 

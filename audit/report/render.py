@@ -26,6 +26,7 @@ from markupsafe import Markup
 from PIL import Image
 
 from audit.report import charts, sections
+from audit.report.discovery import discovery_context
 from audit.report.fmt import ci_html, nowrap, pct, points_html, share_text
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -770,7 +771,9 @@ def bias_rows(
     return out, True
 
 
-def section_list(trust: bool, mitigations: bool) -> dict[str, dict[str, Any]]:
+def section_list(
+    trust: bool, mitigations: bool, discovery: bool = False
+) -> dict[str, dict[str, Any]]:
     """id -> {"number", "title"} of the report's sections, in order: the trust and mitigation
     sections appear only when the run has their metrics, and the numbers follow."""
     titles = [
@@ -781,6 +784,7 @@ def section_list(trust: bool, mitigations: bool) -> dict[str, dict[str, Any]]:
         ("trust", "Can these explanations be trusted?", trust),
         ("attention", "Attention on regions", True),
         ("counterfactuals", "Counterfactuals", True),
+        ("discovery", "Slices and strategies found from the model", discovery),
         ("gallery", "Gallery: the same images under each model", True),
         ("misclassified", "Misclassified images", True),
         ("reproducibility", "Reproducibility", True),
@@ -939,7 +943,8 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         gate.setdefault("status", gate_status(gate))
     trust = sections.trust_context(metrics, run_dir, _data_uri, _svg_uri, model_colours)
     mitigations = sections.mitigation_context(metrics, _svg_uri, model_colours)
-    numbered = section_list(trust is not None, mitigations is not None)
+    discovered = discovery_context(run_dir, metrics)
+    numbered = section_list(trust is not None, mitigations is not None, discovered is not None)
     return {
         "title": config.get("title", "Bias audit"),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -1004,6 +1009,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "perf_differences": perf_differences,
         "counterfactual": {n: models[n]["counterfactual"] for n in names},
         "gallery": _gallery(run_dir, metrics, by_model, config, mistakes, anchors, cell_ids),
+        "discovery": discovered,
         "config_text": json.dumps(config, indent=2),
         "run": run,
         "seed": metrics["seed"],
