@@ -33,6 +33,7 @@ TABLES = {
     "gates": "[gates]",
     "trust": "[trust]",
     "preprocess": "[model.preprocess]",
+    "discovery": "[discovery]",
 }
 log = logging.getLogger("mkdocs.hooks.config_reference")
 
@@ -43,6 +44,7 @@ SECTIONS: list[tuple[str, type, Any]] = [
     ("[model.preprocess]", config_module.PreprocessConfig, config_module),
     ("[explain]", config_module.ExplainConfig, config_module),
     ("[trust]", trust_module.TrustConfig, trust_module),
+    ("[discovery]", config_module.DiscoveryConfig, config_module),
     ("[gates]", config_module.GateConfig, config_module),
 ]
 
