@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
@@ -11,52 +10,8 @@ from typing import Any
 
 import click
 
-from audit.data.import_cli import import_
-
-EXIT_GATES_FAILED = 1
-EXIT_BAD_INPUT = 2
-
-
-class BadInput(click.ClickException):
-    """A user's mistake: one line on stderr, exit code 2, no traceback."""
-
-    exit_code = EXIT_BAD_INPUT
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-def user_errors(func: Callable) -> Callable:
-    """Turn the project's input errors into one-line BadInput errors."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from audit.config import ConfigError
-        from audit.data.manifest import EmptySplitError, ManifestError
-        from audit.models.io import CheckpointError
-        from audit.models.zoo import ArchError
-        from audit.pipeline.frames import ImageDecodeError
-        from audit.pipeline.rundir import RunFolderError
-        from audit.report.render import ReportError
-        from audit.runner import AuditError
-
-        try:
-            return func(*args, **kwargs)
-        except (
-            ConfigError,
-            ManifestError,
-            EmptySplitError,
-            CheckpointError,
-            ReportError,
-            AuditError,
-            ArchError,
-            FileExistsError,
-            RunFolderError,
-            ImageDecodeError,
-        ) as error:
-            raise BadInput(" ".join(str(error).split())) from None
-
-    return wrapper
+from audit.cli_errors import EXIT_BAD_INPUT, EXIT_GATES_FAILED, BadInput, user_errors  # noqa: F401
+from audit.cli_import import import_
 
 
 class FullHelpGroup(click.Group):

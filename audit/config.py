@@ -56,15 +56,12 @@ from typing import Any
 
 import tomllib
 
+from audit.errors import ConfigError
 from audit.explain import METHODS
 from audit.metrics.discovery import SliceSettings
 from audit.metrics.gates import GATES, resolve_gates
 from audit.metrics.trust.config import TrustConfig
 from audit.models.mitigations import MitigationConfig, MitigationError
-
-
-class ConfigError(ValueError):
-    """A config problem, naming the key."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ from audit.data.doctor_nurse import DoctorNurseSpec, generate  # noqa: E402
 from audit.data.manifest import read_manifest  # noqa: E402
 from audit.models.inference import use_channels_last  # noqa: E402
 from audit.models.io import save_checkpoint  # noqa: E402
-from audit.models.zoo import build_model  # noqa: E402
+from audit.models.sources import build_model  # noqa: E402
 from audit.pipeline.frames import FrameDataset, float_pixels, squash  # noqa: E402
 from audit.pipeline.map import MapSpec, loader, map_shards  # noqa: E402
 

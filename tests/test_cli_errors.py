@@ -150,7 +150,7 @@ def test_explain_writes_only_under_out_named_after_inputs(tmp_path, checkpoint):
 def test_gates_without_table_are_the_defaults():
     config = from_dict(MODEL)
     assert resolve_gates(config.gates.table()) == {
-        k: (g.default, "default") for k, g in GATES.items()
+        k: (g.default, "default") for k, g in GATES.items() if not g.opt_in
     }
     assert config.gates.min_worst_group_accuracy == GATES["min_worst_group_accuracy"].default
 
@@ -165,13 +165,14 @@ def test_gates_table_applies_only_its_keys():
 def test_gates_defaults_true_adds_the_rest():
     config = from_dict({**MODEL, "gates": {"max_flip_rate": 0.2, "defaults": True}})
     resolved = resolve_gates(config.to_dict()["gates"])
-    expected = {k: (g.default, "default") for k, g in GATES.items()}
+    expected = {k: (g.default, "default") for k, g in GATES.items() if not g.opt_in}
     expected["max_flip_rate"] = (0.2, "config")
     assert resolved == expected
     # config.json records the resolved gates and reads back to the same gates and sources
     recorded = config.to_dict()["gates"]
     assert recorded["defaults"] is False
-    assert {k: recorded[k] for k in GATES} == {k: v[0] for k, v in expected.items()}
+    assert {k: recorded[k] for k in expected} == {k: v[0] for k, v in expected.items()}
+    assert "min_slice_accuracy" not in recorded  # an opt-in gate is never a default
     again = from_dict(json.loads(json.dumps(config.to_dict())))
     assert again.to_dict()["gates"] == recorded
 
@@ -215,7 +216,7 @@ def test_gate_rows_carry_source_protects_and_why_default():
     config = from_dict({**MODEL, "gates": {"max_flip_rate": 0.2, "defaults": True}})
     rows = evaluate_gates(_metrics(0.5, 0.15), config.to_dict()["gates"])
     by_gate = {r["gate"]: r for r in rows}
-    assert list(by_gate) == list(GATES)
+    assert list(by_gate) == [k for k, g in GATES.items() if not g.opt_in]
     assert by_gate["max_flip_rate"]["source"] == "config"
     assert by_gate["max_flip_rate"]["passed"] is True  # 0.15 <= 0.2 (the default 0.10 would fail)
     assert by_gate["min_worst_group_accuracy"]["source"] == "default"

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from audit.data.import_cli import import_
+from audit.cli_import import import_
 from audit.data.importers import (
     BinaryAttribute,
     ImporterError,

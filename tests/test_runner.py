@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from audit.cli import main
 from audit.config import ConfigError, from_dict, load_config
-from audit.models.io import CheckpointError, load_model
+from audit.models.io import CheckpointError
+from audit.models.sources import load_model
 from audit.models.zoo import SmallCNN
 from tests.conftest import write_config
 

@@ -24,15 +24,16 @@ from torch import nn
 
 from audit.config import ModelConfig, PreprocessConfig, from_dict
 from audit.models import sources
-from audit.models.io import (
-    CheckpointError,
-    is_valid_pickle,
+from audit.models.io import CheckpointError, is_valid_pickle, read_state_dict, save_checkpoint
+from audit.models.sources import (
+    Prepared,
+    build_model,
+    check_arch,
     load_model,
-    read_state_dict,
-    save_checkpoint,
+    parse_arch,
+    prepare_model,
 )
-from audit.models.sources import Prepared, parse_arch, prepare_model
-from audit.models.zoo import ArchError, SmallCNN, build_model, check_arch, default_layer
+from audit.models.zoo import ArchError, SmallCNN, default_layer
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 CLASSES = ["cat", "dog", "fox"]

@@ -49,7 +49,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 
-from audit.config import ConfigError
+from audit.errors import ConfigError
 
 MODES = ("squash", "crop", "pad")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -153,24 +153,13 @@ def _state_of(path: Path, payload: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(
-    path: Path,
-    arch: str,
-    num_classes: int,
-    *,
-    trust: bool = False,
-    base_dir: Path | str | None = None,
-    kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """Load a state dict (torch file or .safetensors) into `arch`, a TorchScript file, or (only with
-    trust) a pickled model. Every unusable file is a one-line CheckpointError; `trust` is advised only
-    for a well-formed pickle that weights_only loading refused."""
-    from audit.models.sources import build_model, check_arch, parse_arch
-
+def read_checkpoint(path: Path, *, trust: bool = False) -> nn.Module | tuple[dict, str | None]:
+    """A checkpoint file as a ready model (TorchScript, or a pickled model with `trust`) or as
+    (state dict, the arch it records or None). Every unusable file is a one-line CheckpointError;
+    `trust` is advised only for a well-formed pickle that weights_only loading refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    source = check_arch(arch, base_dir)
     if _is_safetensors(path):
         payload: Any = _load_safetensors(path)
     elif _is_torchscript(path):
@@ -193,30 +182,11 @@ def load_model(
             raise _refused(path, error) from None
     if isinstance(payload, nn.Module):
         return payload.eval()
-    state = _state_of(path, payload)
     saved_arch = payload.get("arch") if isinstance(payload, dict) else None
-    if isinstance(saved_arch, str) and saved_arch != arch:
-        try:
-            same = parse_arch(saved_arch).arch == source.arch or (
-                source.kind == "hf" and saved_arch.startswith("hf:")
-            )
-        except ValueError:
-            same = False
-        if not same:
-            raise CheckpointError(f"{path} was saved from arch {saved_arch!r}, not {arch!r}")
-    model = build_model(arch, num_classes, base_dir=base_dir, kwargs=kwargs)
-    problem = _state_dict_mismatch(model.state_dict(), state)
-    if problem:
-        raise CheckpointError(
-            f"{path} does not fit arch {arch!r} with {num_classes} classes: {problem}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return _state_of(path, payload), saved_arch if isinstance(saved_arch, str) else None
 
 
-def _state_dict_mismatch(
-    own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]
-) -> str | None:
+def state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
     """A one-line summary of how a state dict differs from the model's, or None if it fits."""
     missing = [k for k in own if k not in given]
     unexpected = [k for k in given if k not in own]

@@ -30,6 +30,12 @@ import torch
 import torchvision
 from torch import nn
 
+from audit.models.io import (
+    CheckpointError,
+    read_checkpoint,
+    read_state_dict,
+    state_dict_mismatch,
+)
 from audit.models.zoo import (  # noqa: F401 - default_layer is re-exported
     SMALL_CNN,
     ArchError,
@@ -341,12 +347,10 @@ def apply_init(
 ) -> str | None:
     """Load `state` into `model`, keeping the model's fresh head where the file's head has another
     number of classes. Returns a message saying which tensors were re-initialised, or None."""
-    from audit.models.io import CheckpointError, _state_dict_mismatch
-
     own = model.state_dict()
     head = _head_keys(model, state, num_classes)
     kept = {k: v for k, v in state.items() if k not in head}
-    problem = _state_dict_mismatch({k: v for k, v in own.items() if k not in head}, kept)
+    problem = state_dict_mismatch({k: v for k, v in own.items() if k not in head}, kept)
     if problem:
         raise CheckpointError(f"{where} does not fit the model: {problem}")
     model.load_state_dict(kept, strict=False)
@@ -430,7 +434,7 @@ def prepare_model(
 ) -> Prepared:
     """Build or load the model of one `[[model]]` table (a ModelConfig) and resolve its Preprocess.
 
-    - `checkpoint`: the state dict is loaded into `arch` (audit.models.io.load_model);
+    - `checkpoint`: the state dict is loaded into `arch` (load_model);
     - hf: without checkpoint: the folder's model; its labels must match `classes` unless it is
       trained here (then a head for `classes` is made where they differ, and logged);
     - otherwise a fresh model, started from `init` ("PATH" or "pretrained") if given.
@@ -438,7 +442,6 @@ def prepare_model(
     (checkpoint, init, hf:); a model trained here from scratch keeps today's default.
     """
     from audit.data.preprocess import resolve_preprocess
-    from audit.models.io import load_model, read_state_dict
 
     name = getattr(spec, "name", "") or "model"
     base_dir = Path(base_dir)
@@ -494,3 +497,39 @@ def prepare_model(
         class_order=None if order == tuple(range(num_classes)) else order,
     )
     return Prepared(model=model, preprocess=preprocess, source=source, messages=messages)
+
+
+def load_model(
+    path: Path,
+    arch: str,
+    num_classes: int,
+    *,
+    trust: bool = False,
+    base_dir: Path | str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Load a state dict (torch file or .safetensors) into `arch`, a TorchScript file, or (only with
+    trust) a pickled model (audit.models.io.read_checkpoint reads the file)."""
+    path = Path(path)
+    source = check_arch(arch, base_dir)
+    read = read_checkpoint(path, trust=trust)
+    if isinstance(read, nn.Module):
+        return read
+    state, saved_arch = read
+    if saved_arch is not None and saved_arch != arch:
+        try:
+            same = parse_arch(saved_arch).arch == source.arch or (
+                source.kind == "hf" and saved_arch.startswith("hf:")
+            )
+        except ValueError:
+            same = False
+        if not same:
+            raise CheckpointError(f"{path} was saved from arch {saved_arch!r}, not {arch!r}")
+    model = build_model(arch, num_classes, base_dir=base_dir, kwargs=kwargs)
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(
+            f"{path} does not fit arch {arch!r} with {num_classes} classes: {problem}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torchvision
 from torch import nn
 
@@ -49,27 +46,6 @@ def torchvision_classifiers() -> list[str]:
 
 class ArchError(ValueError):
     """An architecture that cannot be built: unknown name, bad hf: folder, python: import error."""
-
-
-# The model sources live in audit.models.sources; these names stay importable from here.
-def check_arch(arch: str, base_dir: Path | str | None = None) -> None:
-    """Raise ArchError for an arch that cannot be built (see audit.models.sources.check_arch)."""
-    from audit.models.sources import check_arch as check
-
-    check(arch, base_dir)
-
-
-def build_model(
-    arch: str,
-    num_classes: int,
-    *,
-    base_dir: Path | str | None = None,
-    kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """A freshly initialised classifier (see audit.models.sources.build_model)."""
-    from audit.models.sources import build_model as build
-
-    return build(arch, num_classes, base_dir=base_dir, kwargs=kwargs)
 
 
 def default_layer(arch: str) -> str | None:

@@ -26,7 +26,7 @@ def _importer(func: Callable[..., ImportResult]) -> Callable[..., None]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from audit.cli import BadInput
+        from audit.cli_errors import BadInput
         from audit.data.importers import ImporterError, ImportProblems
 
         try:
