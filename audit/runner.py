@@ -772,18 +772,24 @@ def run_audit(
         code = 143 if isinstance(stop, Terminated) else 130
         raise RunInterrupted(f"interrupted; nothing was written to {out}", code) from None
     except OSError as error:  # before the work folder exists (it cannot be made)
-        if not _disk_full(error):
+        if not _disk_full(error, out.parent):
             raise
         raise AuditError(
             f"no space left on the device of {out.parent}: nothing was written to {out}"
         ) from None
 
 
-def _disk_full(error: BaseException) -> bool:
-    """A write that failed for want of space (torch.save reports it as a RuntimeError)."""
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """A write into `folder` that failed for want of space. torch.save reports it as a RuntimeError
+    of its zip writer, recognised here by its origin and a device with under 1 MiB free."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, RuntimeError) and "write failed" in str(error)
+    if not isinstance(error, RuntimeError) or "inline_container" not in str(error):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _run_locked(config: AuditConfig, out: Path, log: RunLog, options: RunOptions) -> Path:
@@ -796,7 +802,7 @@ def _run_locked(config: AuditConfig, out: Path, log: RunLog, options: RunOptions
         from audit.pipeline.ray_map import RayError, connect
 
         try:
-            connect(options.ray, auditor.workers or 1)
+            connect(options.ray, auditor.workers or 1, quiet=not options.progress)
         except RayError as error:
             raise AuditError(str(error)) from None
     work, resumed = prepare_work(out, _identity(config), resume=options.resume, force=options.force)
@@ -862,7 +868,7 @@ def _run_locked(config: AuditConfig, out: Path, log: RunLog, options: RunOptions
             "or add --skip-bad-images"
         ) from None
     except BaseException as error:
-        if _disk_full(error):
+        if _disk_full(error, work):
             raise AuditError(
                 f"no space left on the device of {work_folder(out)}; nothing finished was lost: "
                 "free some space and continue with the same command and --resume"

@@ -7,11 +7,18 @@ shard. Shards hold whole batches, so every image is computed in the same batch a
 rows - and the metrics reduced from them on the driver - are the same.
 
 Workers must be able to read the manifest's files at the same paths (a shared file system).
+
+Faults: a shard's task only reads images and returns rows, so Ray may run it again. An actor that
+dies with its node is restarted elsewhere and its shard retried (Ray Data's default for actor
+pools: restarts and retries without limit). A failure Ray does not retry (an error raised in the
+map, a lost cluster) stops the map with `ResumableError`: the shards written so far are kept.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -21,8 +28,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from audit.pipeline.frames import FrameDataset
+from audit.pipeline.frames import FrameDataset, ImageDecodeError
 from audit.pipeline.map import MapSpec, map_shards
+from audit.pipeline.rundir import ResumableError
 
 
 class RayError(ValueError):
@@ -67,12 +75,26 @@ def _check_reachable(address: str) -> None:
         raise RayError(f"--ray {address}: cannot reach the Ray cluster: {error}") from None
 
 
-def connect(address: str, workers: int) -> None:
+def _silence() -> None:
+    """No progress bars or log lines of Ray's own on the console (`--quiet`)."""
+    import ray.data
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's own lines
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def connect(address: str, workers: int, quiet: bool = False) -> None:
     """Join the cluster at `address`, or start a local Ray ("local") with `workers` CPUs."""
     try:
         import ray
     except ImportError:
         raise RayError("--ray needs Ray: pip install 'ray[data]'") from None
+    if quiet:
+        _silence()
     if ray.is_initialized():
         return
     if address != "local":
@@ -85,9 +107,15 @@ def connect(address: str, workers: int) -> None:
                 log_to_driver=False,
                 object_store_memory=256 * 1024 * 1024,
                 configure_logging=False,
+                logging_level=logging.ERROR if quiet else logging.INFO,
             )
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=address,
+                log_to_driver=False,
+                configure_logging=False,
+                logging_level=logging.ERROR if quiet else logging.INFO,
+            )
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RayError(f"--ray {address}: cannot connect to a Ray cluster: {first}") from None
@@ -130,10 +158,34 @@ def ray_map(
         num_gpus=1 if gpus >= 1 else 0,
     )
     ends = dict(shards)
-    for batch in mapped.iter_batches(batch_format="pandas", batch_size=None):
+    batches = iter(mapped.iter_batches(batch_format="pandas", batch_size=None))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ray.exceptions.RayError as error:  # not retried by Ray, or beyond its retries
+            cause = _root_cause(error)
+            if isinstance(cause, ImageDecodeError):
+                raise cause from None  # the runner names the image and how to resume
+            first = (str(cause).strip().splitlines() or [""])[0]
+            raise ResumableError(
+                f"--ray {address}: the map failed on the cluster: {type(cause).__name__}: {first}"
+            ) from None
         for start, table in batch.groupby("shard", sort=True):
             rows = table.drop(columns="shard").sort_values("index", kind="stable")
             yield (int(start), ends[int(start)]), rows.reset_index(drop=True)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The exception a Ray error wraps (a task error's cause, through Ray Data's wrappers)."""
+    seen = {id(error)}
+    while True:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
 
 
 def shutdown() -> None:
