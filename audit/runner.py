@@ -432,14 +432,15 @@ class Auditor:
         )
         try:
             if self.options.ray:
-                from audit.pipeline.ray_map import RayError, ray_map
+                from audit.pipeline.ray_map import RayError, quiet_stderr, ray_map
 
                 try:
-                    for b, table in ray_map(
-                        self.options.ray, model, map_spec, dataset, pending, self.workers or 1
-                    ):
-                        mapping.write_shard(table, mapping.shard_path(folder, b[0]))
-                        bar.update(b[1] - b[0])
+                    with quiet_stderr(self.work / "ray.log", not self.options.progress):
+                        for b, table in ray_map(
+                            self.options.ray, model, map_spec, dataset, pending, self.workers or 1
+                        ):
+                            mapping.write_shard(table, mapping.shard_path(folder, b[0]))
+                            bar.update(b[1] - b[0])
                 except RayError as error:
                     raise AuditError(str(error)) from None
             else:

@@ -20,7 +20,10 @@ import copy
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +82,6 @@ def _silence() -> None:
     """No progress bars or log lines of Ray's own on the console (`--quiet`)."""
     import ray.data
 
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's own lines
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -175,6 +177,27 @@ def ray_map(
         for start, table in batch.groupby("shard", sort=True):
             rows = table.drop(columns="shard").sort_values("index", kind="stable")
             yield (int(start), ends[int(start)]), rows.reset_index(drop=True)
+
+
+@contextmanager
+def quiet_stderr(log: Path, quiet: bool) -> Iterator[None]:
+    """With --quiet, what Ray's C++ core prints on this process's stderr while the map runs (its
+    warnings about actors, for one) goes to `log` instead; an empty log is removed."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log, "ab") as file:
+        os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if log.is_file() and log.stat().st_size == 0:
+            log.unlink()
 
 
 def _root_cause(error: BaseException) -> BaseException:
