@@ -419,3 +419,25 @@ def test_a_replacement_killed_while_moving_files_is_finished_by_the_next_install
         "files": ["both.csv", "new.csv", "run.json"]
     }
     assert not work.exists()
+
+
+def test_the_remote_error_is_read_from_rays_text():
+    from audit.pipeline.ray_map import remote_error
+
+    # The shape of a RayTaskError(UserCodeException)'s text in Ray 2.60 (abridged).
+    text = (
+        "ray::MapWorker(MapBatches(ShardMapper)).submit() (pid=1, ip=10.0.0.2)\n"
+        '  File "audit/pipeline/frames.py", line 90, in __getitem__\n'
+        "audit.pipeline.frames.ImageDecodeError: images/x.png (manifest line 7): truncated\n"
+        "\n"
+        "The above exception was the direct cause of the following exception:\n"
+        "\n"
+        "ray::MapWorker(MapBatches(ShardMapper)).submit() (pid=1, ip=10.0.0.2)\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+    )
+    assert remote_error(RuntimeError(text)) == (
+        "audit.pipeline.frames.ImageDecodeError: images/x.png (manifest line 7): truncated"
+    )
+    assert remote_error(ConnectionError("lost the head node\nmore")) == (
+        "ConnectionError: lost the head node"
+    )

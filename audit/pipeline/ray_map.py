@@ -167,12 +167,12 @@ def ray_map(
         except StopIteration:
             return
         except ray.exceptions.RayError as error:  # not retried by Ray, or beyond its retries
-            cause = _root_cause(error)
-            if isinstance(cause, ImageDecodeError):
-                raise cause from None  # the runner names the image and how to resume
-            first = (str(cause).strip().splitlines() or [""])[0]
+            cause = remote_error(error)
+            decode = f"{ImageDecodeError.__module__}.{ImageDecodeError.__qualname__}: "
+            if cause.startswith(decode):  # the runner names the image and how to resume
+                raise ImageDecodeError(cause.removeprefix(decode)) from None
             raise ResumableError(
-                f"--ray {address}: the map failed on the cluster: {type(cause).__name__}: {first}"
+                f"--ray {address}: the map failed on the cluster: {cause}"
             ) from None
         for start, table in batch.groupby("shard", sort=True):
             rows = table.drop(columns="shard").sort_values("index", kind="stable")
@@ -200,15 +200,20 @@ def quiet_stderr(log: Path, quiet: bool) -> Iterator[None]:
             log.unlink()
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    """The exception a Ray error wraps (a task error's cause, through Ray Data's wrappers)."""
-    seen = {id(error)}
-    while True:
-        inner = getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException) or id(inner) in seen:
-            return error
-        seen.add(id(inner))
-        error = inner
+def remote_error(error: BaseException) -> str:
+    """The line `Type: message` of the exception raised on the cluster, from a Ray error's text.
+
+    Ray Data passes a map's exception to the driver as a UserCodeException whose only trace of the
+    original is the remote traceback in its text, ending with that line before "The above
+    exception was the direct cause of the following exception"."""
+    lines = str(error).splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("The above exception was the direct cause"):
+            before = [text.strip() for text in lines[:i] if text.strip()]
+            if before:
+                return before[-1]
+    first = next((text.strip() for text in lines if text.strip()), "")
+    return f"{type(error).__name__}: {first}"
 
 
 def shutdown() -> None:
