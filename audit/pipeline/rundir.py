@@ -90,7 +90,8 @@ def run_lock(out: Path) -> Iterator[None]:
                 "wait for it to finish or choose another --out"
             ) from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            locked, now = os.fstat(fd), os.stat(path)
+            same = (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino)
         except FileNotFoundError:
             same = False
         if same:
