@@ -166,7 +166,7 @@ def ray_map(
             batch = next(batches)
         except StopIteration:
             return
-        except ray.exceptions.RayError as error:  # not retried by Ray, or beyond its retries
+        except Exception as error:  # noqa: BLE001 - not retried by Ray (or a lost cluster)
             cause = remote_error(error)
             decode = f"{ImageDecodeError.__module__}.{ImageDecodeError.__qualname__}: "
             if cause.startswith(decode):  # the runner names the image and how to resume
