@@ -225,8 +225,14 @@ def _ray_workers_of(raylet_pid: int) -> list:
     """The worker processes a Ray node (its raylet) started that hold a map actor."""
     import psutil
 
-    children = psutil.Process(raylet_pid).children(recursive=True)
-    return [p for p in children if "ShardMapper" in " ".join(p.cmdline())]
+    found = []
+    for process in psutil.Process(raylet_pid).children(recursive=True):
+        try:
+            if "ShardMapper" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # ended while listed
+            pass
+    return found
 
 
 def test_ray_survives_a_killed_node_and_stops_cleanly_when_it_cannot(loaded, data, tmp_path):
