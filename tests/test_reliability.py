@@ -143,6 +143,7 @@ def loaded(data, trained, tmp_path_factory) -> tuple[Path, Path]:
     return config_path, root / "run"
 
 
+@pytest.mark.slow
 def test_kills_and_signals_at_several_points_then_resume_give_the_same_bytes(
     trained, data, tmp_path
 ):
@@ -199,6 +200,7 @@ def test_kills_and_signals_at_several_points_then_resume_give_the_same_bytes(
     assert json.loads((out / "run.json").read_text())["files"] == list_files(out)
 
 
+@pytest.mark.slow
 def test_a_second_run_of_the_same_out_is_refused_and_force_deletes_nothing(loaded, tmp_path):
     config_path, reference = loaded
     out, work = tmp_path / "run", tmp_path / ".run.partial"
@@ -235,6 +237,7 @@ def _ray_workers_of(raylet_pid: int) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_ray_survives_a_killed_node_and_stops_cleanly_when_it_cannot(loaded, data, tmp_path):
     pytest.importorskip("ray")
     psutil = pytest.importorskip("psutil")
@@ -309,6 +312,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_one_line_and_resumes_once_space_is_freed(loaded, tmp_path):
     config_path, reference = loaded
     disk = tmp_path / "disk"
