@@ -311,7 +311,8 @@ def _options(render: bool, **kwargs: Any) -> Any:
 
 
 def _run(spec: Any, out: Path, options: Any) -> Path:
-    """Run an audit; an interruption ends with one line saying how to resume, exit 130."""
+    """Run an audit; an interruption ends with one line saying how to resume, exit 130 (Ctrl-C)
+    or 143 (SIGTERM)."""
     from audit.pipeline.rundir import RunInterrupted
     from audit.runner import run_audit
 
@@ -319,7 +320,7 @@ def _run(spec: Any, out: Path, options: Any) -> Path:
         return run_audit(spec, out, echo=click.echo, options=options)
     except RunInterrupted as error:
         click.echo(f"error: {error}", err=True)
-        sys.exit(130)
+        sys.exit(error.exit_code)
 
 
 @main.command()

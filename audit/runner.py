@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -60,13 +61,18 @@ from audit.pipeline.gallery import (
 from audit.pipeline.map import CORE, PROTECTED, MapSpec
 from audit.pipeline.reduce import compare, model_metrics, region_areas
 from audit.pipeline.rundir import (
+    ResumableError,
     RunInterrupted,
+    Terminated,
     check_target,
+    fsync_path,
     install,
     list_files,
     prepare_work,
+    run_lock,
     sigterm_as_interrupt,
     work_folder,
+    write_durably,
 )
 from audit.pipeline.trust_stage import TRUST_SEED_OFFSET, run_trust, trust_sample
 
@@ -425,8 +431,9 @@ class Auditor:
                     "preprocess": info["preprocess"],
                 },
             )
+            fsync_path(checkpoint)  # the history file marks a durable checkpoint for --resume
             if spec.train_split:
-                history_file.write_text(json.dumps(info["history"]))
+                write_durably(history_file, json.dumps(info["history"]).encode("utf-8"))
         info["saved_checkpoint"] = f"models/{spec.name}.pt"
         info["saved_checkpoint_sha256"] = sha256(checkpoint)
         return model, info
@@ -480,14 +487,15 @@ class Auditor:
         )
         try:
             if self.options.ray:
-                from audit.pipeline.ray_map import RayError, ray_map
+                from audit.pipeline.ray_map import RayError, quiet_stderr, ray_map
 
                 try:
-                    for b, table in ray_map(
-                        self.options.ray, model, map_spec, dataset, pending, self.workers or 1
-                    ):
-                        mapping.write_shard(table, mapping.shard_path(folder, b[0]))
-                        bar.update(b[1] - b[0])
+                    with quiet_stderr(self.work / "ray.log", not self.options.progress):
+                        for b, table in ray_map(
+                            self.options.ray, model, map_spec, dataset, pending, self.workers or 1
+                        ):
+                            mapping.write_shard(table, mapping.shard_path(folder, b[0]))
+                            bar.update(b[1] - b[0])
                 except RayError as error:
                     raise AuditError(str(error)) from None
             else:
@@ -854,9 +862,37 @@ def run_audit(
         options.progress = progress
     if render is not None:
         options.render = render
-    started = time.time()
     out = Path(out)
-    log = RunLog(echo)
+    try:
+        with sigterm_as_interrupt(), run_lock(out):
+            return _run_locked(config, out, RunLog(echo), options)
+    except KeyboardInterrupt as stop:  # before the work folder exists
+        code = 143 if isinstance(stop, Terminated) else 130
+        raise RunInterrupted(f"interrupted; nothing was written to {out}", code) from None
+    except OSError as error:  # before the work folder exists (it cannot be made)
+        if not _disk_full(error, out.parent):
+            raise
+        raise AuditError(
+            f"no space left on the device of {out.parent}: nothing was written to {out}"
+        ) from None
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """A write into `folder` that failed for want of space. torch.save reports it as a RuntimeError
+    of its zip writer, recognised here by its origin and a device with under 1 MiB free."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(error, RuntimeError) or "inline_container" not in str(error):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _run_locked(config: AuditConfig, out: Path, log: RunLog, options: RunOptions) -> Path:
+    """run_audit's work, holding out's lock."""
+    started = time.time()
     check_target(out, options.force)
     auditor = Auditor(config, out, log, options)
     auditor.preflight()
@@ -864,7 +900,7 @@ def run_audit(
         from audit.pipeline.ray_map import RayError, connect
 
         try:
-            connect(options.ray, auditor.workers or 1)
+            connect(options.ray, auditor.workers or 1, quiet=not options.progress)
         except RayError as error:
             raise AuditError(str(error)) from None
     work, resumed = prepare_work(out, _identity(config), resume=options.resume, force=options.force)
@@ -908,21 +944,33 @@ def run_audit(
             run_info["files"] = sorted({*list_files(work), "run.json"} - {"resume.json"})
             _write_json(work / "run.json", run_info)
             install(work, out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        code = 143 if isinstance(stop, Terminated) else 130
         keep_work = (work / "shards").exists() or (work / "models").exists()
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
-            raise RunInterrupted(f"interrupted; nothing was written to {out}") from None
+            raise RunInterrupted(f"interrupted; nothing was written to {out}", code) from None
         raise RunInterrupted(
             f"interrupted; the finished part is kept in {work_folder(out)} - continue with "
-            f"the same command and --resume"
+            f"the same command and --resume",
+            code,
+        ) from None
+    except ResumableError as error:
+        raise AuditError(
+            f"{error}; the finished part is kept in {work_folder(out)} - continue with the same "
+            "command and --resume"
         ) from None
     except ImageDecodeError as error:
         raise AuditError(
             f"{error}; nothing was lost: fix or remove the image and continue with --resume, "
             "or add --skip-bad-images"
         ) from None
-    except BaseException:
+    except BaseException as error:
+        if _disk_full(error, work):
+            raise AuditError(
+                f"no space left on the device of {work_folder(out)}; nothing finished was lost: "
+                "free some space and continue with the same command and --resume"
+            ) from None
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:

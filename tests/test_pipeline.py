@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import audit.pipeline.map as mapping
+import audit.pipeline.rundir as rundir
 from audit.cli import main
 from audit.data.manifest import read_manifest
 from audit.explain import explain, mask_boxes
@@ -228,10 +229,10 @@ def test_sigterm_stops_the_run_like_ctrl_c(small_dataset, tmp_path, monkeypatch)
     monkeypatch.setattr(mapping, "map_batch", terminated)
     result = invoke("run", config, "--out", tmp_path / "run", "--quiet", "--workers", 0)
     assert (
-        result.exit_code == 130 and "continue with the same command and --resume" in result.output
+        result.exit_code == 143 and "continue with the same command and --resume" in result.output
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "audit.toml"]
-    assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGTERM) is not rundir._terminated  # restored
 
 
 def test_run_folders_are_not_replaced_without_force(reference, small_dataset, tmp_path):

@@ -3,8 +3,9 @@
 `map_batch` is the unit of work, the same locally and on Ray: predictions, Grad-CAM for the predicted
 class, its share / pointing hit / box IoU on every region (and the protected and core unions), the
 counterfactual prediction, as plain per-image columns. Nothing of the batch is kept but those rows.
-A split is cut into fixed shards of rows; each shard is written as one Parquet file, so an interrupted
-run resumes by skipping the shards already written.
+A split is cut into fixed shards of rows; each shard is written as one Parquet file (temporary name,
+fsync, rename; page checksums), so an interrupted run - even by `kill -9` or a power loss - resumes
+by skipping the shards already written, and redoes a shard whose file is torn.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -28,6 +30,7 @@ from audit.explain.layers import default_output
 from audit.metrics.attention import region_attention
 from audit.metrics.counterfactual import fill_regions_with_mean
 from audit.pipeline.frames import FrameDataset, float_pixels
+from audit.pipeline.rundir import durable_replace
 
 HEAT_GRID = (8, 8)  # each image's Grad-CAM kept at this size for strategy discovery
 PROTECTED = "protected"  # union of the protected regions
@@ -249,18 +252,36 @@ def _table(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
 
 
 def write_shard(table: pd.DataFrame, path: Path) -> None:
-    """Write a shard atomically: a half-written shard never looks finished."""
+    """Write a shard durably: a temporary file, fsynced, then renamed (a half-written shard never
+    looks finished, even after a power loss); its pages carry checksums, checked on resume."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    try:
+        table.to_parquet(tmp, index=False, write_page_checksum=True)
+        durable_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def shard_is_whole(path: Path, rows: int) -> bool:
+    """Whether a shard file reads back completely, with its page checksums and `rows` rows."""
+    try:
+        return pq.read_table(path, page_checksum_verification=True).num_rows == rows
+    except (OSError, ValueError):  # pyarrow's ArrowIOError / ArrowInvalid: torn or corrupt
+        return False
 
 
 def pending_shards(folder: Path, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """The shards not yet written (a resumed run skips the others)."""
-    for b in bounds:
-        if not shard_path(folder, b[0]).is_file():
-            yield b
+    """The shards not yet written whole (a resumed run skips the others, and redoes torn ones)."""
+    for tmp in folder.glob("*.tmp"):  # a write a crash interrupted
+        tmp.unlink()
+    for start, end in bounds:
+        path = shard_path(folder, start)
+        if not path.is_file():
+            yield start, end
+        elif not shard_is_whole(path, end - start):
+            path.unlink()
+            yield start, end
 
 
 def read_shards(folder: Path, bounds: list[tuple[int, int]]) -> pd.DataFrame:

@@ -7,13 +7,23 @@ shard. Shards hold whole batches, so every image is computed in the same batch a
 rows - and the metrics reduced from them on the driver - are the same.
 
 Workers must be able to read the manifest's files at the same paths (a shared file system).
+
+Faults: a shard's task only reads images and returns rows, so Ray may run it again. An actor that
+dies with its node is restarted elsewhere and its shard retried (Ray Data's default for actor
+pools: restarts and retries without limit). A failure Ray does not retry (an error raised in the
+map, a lost cluster) stops the map with `ResumableError`: the shards written so far are kept.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import socket
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +31,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from audit.pipeline.frames import FrameDataset
+from audit.pipeline.frames import FrameDataset, ImageDecodeError
 from audit.pipeline.map import MapSpec, map_shards
+from audit.pipeline.rundir import ResumableError
 
 
 class RayError(ValueError):
@@ -67,12 +78,25 @@ def _check_reachable(address: str) -> None:
         raise RayError(f"--ray {address}: cannot reach the Ray cluster: {error}") from None
 
 
-def connect(address: str, workers: int) -> None:
+def _silence() -> None:
+    """No progress bars or log lines of Ray's own on the console (`--quiet`)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def connect(address: str, workers: int, quiet: bool = False) -> None:
     """Join the cluster at `address`, or start a local Ray ("local") with `workers` CPUs."""
     try:
         import ray
     except ImportError:
         raise RayError("--ray needs Ray: pip install 'ray[data]'") from None
+    if quiet:
+        _silence()
     if ray.is_initialized():
         return
     if address != "local":
@@ -85,9 +109,15 @@ def connect(address: str, workers: int) -> None:
                 log_to_driver=False,
                 object_store_memory=256 * 1024 * 1024,
                 configure_logging=False,
+                logging_level=logging.ERROR if quiet else logging.INFO,
             )
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=address,
+                log_to_driver=False,
+                configure_logging=False,
+                logging_level=logging.ERROR if quiet else logging.INFO,
+            )
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RayError(f"--ray {address}: cannot connect to a Ray cluster: {first}") from None
@@ -130,10 +160,60 @@ def ray_map(
         num_gpus=1 if gpus >= 1 else 0,
     )
     ends = dict(shards)
-    for batch in mapped.iter_batches(batch_format="pandas", batch_size=None):
+    batches = iter(mapped.iter_batches(batch_format="pandas", batch_size=None))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as error:  # noqa: BLE001 - not retried by Ray (or a lost cluster)
+            cause = remote_error(error)
+            decode = f"{ImageDecodeError.__module__}.{ImageDecodeError.__qualname__}: "
+            if cause.startswith(decode):  # the runner names the image and how to resume
+                raise ImageDecodeError(cause.removeprefix(decode)) from None
+            raise ResumableError(
+                f"--ray {address}: the map failed on the cluster: {cause}"
+            ) from None
         for start, table in batch.groupby("shard", sort=True):
             rows = table.drop(columns="shard").sort_values("index", kind="stable")
             yield (int(start), ends[int(start)]), rows.reset_index(drop=True)
+
+
+@contextmanager
+def quiet_stderr(log: Path, quiet: bool) -> Iterator[None]:
+    """With --quiet, what Ray's C++ core prints on this process's stderr while the map runs (its
+    warnings about actors, for one) goes to `log` instead; an empty log is removed."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log, "ab") as file:
+        os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if log.is_file() and log.stat().st_size == 0:
+            log.unlink()
+
+
+def remote_error(error: BaseException) -> str:
+    """The line `Type: message` of the exception raised on the cluster, from a Ray error's text.
+
+    Ray Data passes a map's exception to the driver as a UserCodeException whose only trace of the
+    original is the remote traceback in its text, ending with that line before "The above
+    exception was the direct cause of the following exception"."""
+    lines = str(error).splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("The above exception was the direct cause"):
+            before = [text.strip() for text in lines[:i] if text.strip()]
+            if before:
+                return before[-1]
+    first = next((text.strip() for text in lines if text.strip()), "")
+    return f"{type(error).__name__}: {first}"
 
 
 def shutdown() -> None:
