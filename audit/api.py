@@ -74,10 +74,7 @@ def run(
     if out is None:
         keep = tempfile.TemporaryDirectory(prefix="audit-")
         out = Path(keep.name) / "run"
-    try:
-        folder = run_audit(audit_config, Path(out), echo=echo, options=options, models=given)
-    except RunFolderError as error:
-        raise RunFolderError(_api_words(str(error))) from None
+    folder = run_audit(audit_config, Path(out), echo=echo, options=options, models=given)
     return AuditResult(folder, _keep=keep)
 
 
@@ -292,8 +289,8 @@ def write_frame(table: pd.DataFrame, folder: Path) -> Path:
 
 
 def _api_words(message: str) -> str:
-    """A run folder message in the API's words (out=, force=True) instead of the options'."""
-    return message.replace("--out ", "out ").replace("add --force", "pass force=True")
+    """A run folder message in the API's words (folder, force=True) instead of the options'."""
+    return message.replace("--out ", "folder ").replace("add --force", "pass force=True")
 
 
 # -- the result --------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ def write_junit(rows: Iterable[Mapping[str, Any]], path: Path, suite: str = "aud
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(junit_xml(rows, suite), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(junit_xml(rows, suite), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
