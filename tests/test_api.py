@@ -336,3 +336,34 @@ def test_the_example_notebook_runs(tmp_path, monkeypatch):
     metrics = json.loads(runs[0].read_text())
     assert list(metrics["models"]) == ["biased", "balanced"]
     assert all(m["source"] == "given" for m in metrics["models"].values())
+
+
+def test_config_forms_with_given_models(small_dataset, tmp_path):
+    from audit.api import _config
+    from audit.config import from_dict
+
+    # A TOML table for a given model needs neither train_split nor checkpoint.
+    toml = tmp_path / "sub" / "audit.toml"
+    toml.parent.mkdir()
+    toml.write_text(
+        f'seed = 3\n[data]\nmanifest = "{small_dataset}"\n'
+        '[[model]]\nname = "m"\nlayer = "features"\n'
+        '[[model]]\nname = "t"\ntrain_split = "train_biased"\n'
+    )
+    built = _config(toml, {"m": SmallCNN(2), "extra": ThreeWay()}, None)
+    assert built.base_dir == toml.parent and built.seed == 3
+    specs = {s.name: s for s in built.model}
+    assert list(specs) == ["m", "t", "extra"]
+    assert (specs["m"].arch, specs["m"].layer, specs["m"].checkpoint) == (
+        "small_cnn",
+        "features",
+        "",
+    )
+    assert specs["t"].train_split == "train_biased"  # not given: trained as configured
+    assert (specs["extra"].arch, specs["extra"].train_split) == ("given:ThreeWay", "")
+    # An AuditConfig is copied, not changed; a data path replaces its manifest.
+    config = from_dict({"model": [{"name": "m", "train_split": "train_biased"}]})
+    built = _config(config, {"m": SmallCNN(2)}, small_dataset)
+    assert config.model[0].train_split == "train_biased" and built.model[0].train_split == ""
+    assert built.data.manifest == str(small_dataset.resolve())
+    assert config.data.manifest != built.data.manifest
