@@ -311,13 +311,17 @@ def _options(render: bool, **kwargs: Any) -> Any:
 
 
 def _run(spec: Any, out: Path, options: Any) -> Path:
+<<<<<<< HEAD
     """Run an audit; an interruption ends with one line saying how to resume, exit 130 (Ctrl-C)
     or 143 (SIGTERM)."""
+=======
+    """Run an audit; an interruption ends with one line saying how to resume, exit 130."""
+    from audit.api import run as run_api
+>>>>>>> api
     from audit.pipeline.rundir import RunInterrupted
-    from audit.runner import run_audit
 
     try:
-        return run_audit(spec, out, echo=click.echo, options=options)
+        return run_api(spec, out=out, options=options, echo=click.echo).folder
     except RunInterrupted as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
@@ -422,9 +426,16 @@ def demo(out: Path, data_dir: Path, seed: int, **how: Any) -> None:
 # -- check / report / explain -----------------------------------------------------------------
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-def check(run_dir: Path) -> None:
+@click.option(
+    "--junit",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the gates as JUnit XML (one test case per model x gate) for CI.",
+)
+def check(run_dir: Path, junit: Path | None) -> None:
     """Re-apply the gates to a finished run: exit 0 if all pass, 1 if one fails, 2 on bad input."""
     from audit.metrics.gates import evaluate_gates
+    from audit.report.junit import write_junit
 
     if not run_dir.exists():
         raise BadInput(f"{run_dir} is not a finished audit run: folder not found")
@@ -452,6 +463,12 @@ def check(run_dir: Path) -> None:
         failed += not row["passed"]
     if not rows:
         click.echo("no gates configured")
+    if junit is not None:
+        try:
+            write_junit(rows, junit)
+        except OSError as error:
+            raise BadInput(f"--junit {junit}: cannot write: {error.strerror or error}") from None
+        click.echo(f"wrote {junit}")
     sys.exit(EXIT_GATES_FAILED if failed else 0)
 
 

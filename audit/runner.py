@@ -20,7 +20,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,11 +198,24 @@ def _check_layer(name: str, arch: str, model: nn.Module, layer: str | None) -> N
         raise AuditError(f"model {name!r}: unknown layer {layer!r} in {arch}{hint}")
 
 
+# A model given in memory (audit.api): called with the data's classes, it returns the model
+# prepared for the audit (its preprocessing resolved), in place of building or training one.
+GivenModel = Callable[[list[str]], Prepared]
+
+
 class Auditor:
     """Runs one audit described by an AuditConfig into a work folder."""
 
-    def __init__(self, config: AuditConfig, work: Path, log: RunLog, options: RunOptions) -> None:
+    def __init__(
+        self,
+        config: AuditConfig,
+        work: Path,
+        log: RunLog,
+        options: RunOptions,
+        given: Mapping[str, GivenModel] | None = None,
+    ) -> None:
         self.config = config
+        self.given = dict(given or {})
         self.work = work
         self.log = log
         self.options = options
@@ -213,6 +226,8 @@ class Auditor:
     def preflight(self) -> None:
         """Checks that need no data: fail before any work is done."""
         for spec in self.config.model:
+            if spec.name in self.given:
+                continue
             source = check_arch(spec.arch, self.config.base_dir)
             if spec.layer and source.kind in ("small_cnn", "torchvision"):
                 model = build_model(spec.arch, 2, base_dir=self.config.base_dir, kwargs=spec.kwargs)
@@ -270,8 +285,13 @@ class Auditor:
         self.prepared: dict[str, Prepared] = {}
         for spec in config.model:
             torch.manual_seed(config.seed)
-            prepared = prepare_model(
-                spec, self.classes, base_dir=config.base_dir, image_size=config.data.image_size
+            given = self.given.get(spec.name)
+            prepared = (
+                given(self.classes)
+                if given
+                else prepare_model(
+                    spec, self.classes, base_dir=config.base_dir, image_size=config.data.image_size
+                )
             )
             if isinstance(prepared.model, torch.jit.ScriptModule):
                 raise AuditError(
@@ -354,7 +374,9 @@ class Auditor:
         checkpoint = self.work / "models" / f"{spec.name}.pt"
         history_file = checkpoint.with_suffix(".history.json")
         resumed = self.options.resume and checkpoint.is_file() and history_file.is_file()
-        if spec.checkpoint:
+        if spec.name in self.given:
+            info |= {"source": "given", "checkpoint": "memory (a module given to audit.run)"}
+        elif spec.checkpoint:
             info |= {
                 "source": "loaded",
                 "checkpoint": spec.checkpoint,
@@ -855,8 +877,10 @@ def run_audit(
     options: RunOptions | None = None,
     progress: bool | None = None,
     render: bool | None = None,
+    models: Mapping[str, GivenModel] | None = None,
 ) -> Path:
-    """Run the audit into `out`; returns the run folder. See RunOptions for resume, Ray, devices."""
+    """Run the audit into `out`; returns the run folder. See RunOptions for resume, Ray, devices;
+    `models`: models given in memory by name (audit.api), used instead of building them."""
     options = dataclasses.replace(options or RunOptions())
     if progress is not None:
         options.progress = progress
@@ -894,7 +918,7 @@ def _run_locked(config: AuditConfig, out: Path, log: RunLog, options: RunOptions
     """run_audit's work, holding out's lock."""
     started = time.time()
     check_target(out, options.force)
-    auditor = Auditor(config, out, log, options)
+    auditor = Auditor(config, out, log, options, models)
     auditor.preflight()
     if options.ray:
         from audit.pipeline.ray_map import RayError, connect

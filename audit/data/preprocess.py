@@ -289,15 +289,18 @@ def fixed_input_size(model: nn.Module) -> Size | None:
     return None
 
 
-def timm_defaults(model: nn.Module) -> dict[str, Any]:
-    """timm's eval preprocessing of `model` (`resolve_data_config`), as Preprocess keys.
+def timm_defaults(model: nn.Module, data_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """timm's eval preprocessing of `model` (`resolve_data_config`, or the given `data_config`),
+    as Preprocess keys.
 
     timm resizes to floor(size / crop_pct) and center crops `size`; the input size follows the model
     itself where it was built with another `img_size` than its pretrained config says.
     """
-    import timm.data
+    config = data_config
+    if config is None:
+        import timm.data
 
-    config = timm.data.resolve_data_config({}, model=model)
+        config = timm.data.resolve_data_config({}, model=model)
     height, width = config["input_size"][1:]
     fixed = fixed_input_size(model)
     if fixed is not None:
@@ -323,6 +326,12 @@ def hf_defaults(folder: Path, name: str = "model") -> dict[str, Any]:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise PreprocessError(f"model {name!r}: cannot read {path}: {error}") from None
+    return hf_keys(saved, path, name)
+
+
+def hf_keys(saved: Mapping[str, Any], path: Any, name: str = "model") -> dict[str, Any]:
+    """A Hugging Face image processor's settings (`to_dict()`, or its saved JSON at `path`, named
+    in errors) as Preprocess keys."""
     out: dict[str, Any] = {
         "backend": "pil" if str(saved.get("image_processor_type", "")).endswith("Pil") else "torch"
     }
