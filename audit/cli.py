@@ -311,13 +311,9 @@ def _options(render: bool, **kwargs: Any) -> Any:
 
 
 def _run(spec: Any, out: Path, options: Any) -> Path:
-<<<<<<< HEAD
     """Run an audit; an interruption ends with one line saying how to resume, exit 130 (Ctrl-C)
     or 143 (SIGTERM)."""
-=======
-    """Run an audit; an interruption ends with one line saying how to resume, exit 130."""
     from audit.api import run as run_api
->>>>>>> api
     from audit.pipeline.rundir import RunInterrupted
 
     try:

@@ -875,21 +875,15 @@ def run_audit(
     *,
     echo: Callable[[str], None] = print,
     options: RunOptions | None = None,
-    progress: bool | None = None,
-    render: bool | None = None,
     models: Mapping[str, GivenModel] | None = None,
 ) -> Path:
     """Run the audit into `out`; returns the run folder. See RunOptions for resume, Ray, devices;
     `models`: models given in memory by name (audit.api), used instead of building them."""
     options = dataclasses.replace(options or RunOptions())
-    if progress is not None:
-        options.progress = progress
-    if render is not None:
-        options.render = render
     out = Path(out)
     try:
         with sigterm_as_interrupt(), run_lock(out):
-            return _run_locked(config, out, RunLog(echo), options)
+            return _run_locked(config, out, Auditor(config, out, RunLog(echo), options, models))
     except KeyboardInterrupt as stop:  # before the work folder exists
         code = 143 if isinstance(stop, Terminated) else 130
         raise RunInterrupted(f"interrupted; nothing was written to {out}", code) from None
@@ -914,11 +908,11 @@ def _disk_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
-def _run_locked(config: AuditConfig, out: Path, log: RunLog, options: RunOptions) -> Path:
+def _run_locked(config: AuditConfig, out: Path, auditor: Auditor) -> Path:
     """run_audit's work, holding out's lock."""
     started = time.time()
+    log, options = auditor.log, auditor.options
     check_target(out, options.force)
-    auditor = Auditor(config, out, log, options, models)
     auditor.preflight()
     if options.ray:
         from audit.pipeline.ray_map import RayError, connect
