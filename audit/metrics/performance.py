@@ -42,11 +42,6 @@ def encode(values: np.ndarray, names: list[str], what: str = "label") -> np.ndar
     return codes
 
 
-def _spread(rates: np.ndarray) -> np.ndarray:
-    """max - min over the last axis, ignoring NaN (a group absent from a resample)."""
-    return nan_spread(rates, axis=-1)
-
-
 def ovr_differences(
     true_idx: np.ndarray,
     pred_idx: np.ndarray,
@@ -228,13 +223,13 @@ def performance(
     weights_t = transposed(weights)
     cell_idx = group_idx * n_classes + true_idx  # cells ordered class-major below
 
-    class_summary = grouped_summary(correct, true_idx, n_classes, weights_t)
+    class_summary = grouped_summary(correct, true_idx, n_classes, weights_t, bca=True)
     group_summary = grouped_summary(
-        correct, group_idx, n_groups, weights_t, judged=np.bincount(group_idx) >= min_cell_size
+        correct, group_idx, n_groups, weights_t, np.bincount(group_idx) >= min_cell_size, bca=True
     )
     cell_counts = np.bincount(cell_idx, minlength=n_groups * n_classes)
     cell_summary = grouped_summary(
-        correct, cell_idx, n_groups * n_classes, weights_t, judged=cell_counts >= min_cell_size
+        correct, cell_idx, n_groups * n_classes, weights_t, cell_counts >= min_cell_size, bca=True
     )
     # cells in class order, then group order, that hold at least one image
     order = np.arange(n_groups * n_classes).reshape(n_groups, n_classes).T.ravel()
@@ -250,18 +245,14 @@ def performance(
         | {"too_few": bool(cell_counts[c] < min_cell_size)}
         for name, c in zip(cell_names, present, strict=True)
     }
-    judged_cells = present[cell_counts[present] >= min_cell_size]
-    if judged_cells.size:
-        worst = judged_cells[np.nanargmin(cell_summary["point"][judged_cells])]
+    # The worst cell is reported with its own interval (the one its row of per_cell shows).
+    worst = cell_summary["worst"]
+    if worst >= 0:
         worst_name = f"{classes[worst % n_classes]} / {group_names[worst // n_classes]}"
-        worst_entry = estimate(
-            cell_summary["point"][worst], cell_summary["boot_min"] if len(weights) else None
-        )
+        worst_entry = {k: per_cell[worst_name][k] for k in ("value", "ci_low", "ci_high")}
     else:
         worst_name, worst_entry = None, estimate(None, None)
     judged_groups = np.bincount(group_idx, minlength=n_groups) >= min_cell_size
-    gap_point = _spread(group_summary["point"][judged_groups]) if judged_groups.sum() else np.nan
-    gap_boot = group_summary["boot_max"] - group_summary["boot_min"]
     point_dp, point_eo = ovr_differences(
         true_idx,
         pred_idx,
@@ -290,7 +281,7 @@ def performance(
             "cell": worst_name,
             "skipped": int(((cell_counts > 0) & (cell_counts < min_cell_size)).sum()),
         },
-        "accuracy_gap": estimate(gap_point, gap_boot if len(weights) else None),
+        "accuracy_gap": _named_gap(group_summary, group_names),
         "demographic_parity_difference": estimate(point_dp[0], boot_dp if len(weights) else None),
         "equalized_odds_difference": estimate(point_eo[0], boot_eo if len(weights) else None),
         "fairness_method": _fairness_method(classes),
@@ -299,6 +290,17 @@ def performance(
     if n_classes <= FULL_CONFUSION_MAX_CLASSES:
         out["confusion_matrix"] = {"labels": classes, "counts": counts.tolist()}
     return out
+
+
+def _named_gap(summary: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The highest minus the lowest judged mean, with the interval of that named pair's difference
+    (+ high, low: the two names, None with fewer than two judged entries)."""
+    gap = dict(summary["gap"])
+    high, low = gap.pop("high"), gap.pop("low")
+    return gap | {
+        "high": names[high] if high >= 0 else None,
+        "low": names[low] if low >= 0 else None,
+    }
 
 
 def _fairness_method(classes: list[str]) -> str:
@@ -317,7 +319,8 @@ def headline_samples(
 ) -> dict[str, np.ndarray]:
     """Accuracy, worst-group (cell) accuracy and group accuracy gap: row 0 the estimate on the data,
     then one row per resample of `weights`. Shared resamples make two models' differences paired.
-    Cells and groups with fewer than `min_cell_size` images are left out of the worst and the gap."""
+    The worst cell and the two groups of the gap are those named on the data (as `performance`
+    reports them); cells and groups with fewer than `min_cell_size` images are left out."""
     correct = np.asarray(correct, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64).reshape(-1, len(correct))
     rows_t = transposed(np.vstack([np.ones((1, len(correct))), weights]))
@@ -342,6 +345,6 @@ def headline_samples(
     )
     return {
         "accuracy": np.vstack([np.ones((1, len(correct))), weights]) @ correct / len(correct),
-        "worst_group_accuracy": cells["boot_min"],
-        "accuracy_gap": group["boot_max"] - group["boot_min"],
+        "worst_group_accuracy": cells["worst_samples"],
+        "accuracy_gap": group["gap_samples"],
     }
