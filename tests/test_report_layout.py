@@ -34,7 +34,7 @@ def small_run(small_dataset, tmp_path_factory) -> Path:
     return root / "run"
 
 
-PHONE_PROBE = """() => {
+PHONE_PROBE = r"""() => {
   const W = window.innerWidth;
   const box = e => e.getBoundingClientRect();
   const outside = sel => [...document.querySelectorAll(sel)]
@@ -46,9 +46,31 @@ PHONE_PROBE = """() => {
       [...g.querySelectorAll(':scope > .grid-row')].map(r =>
           [...r.children].map(c => ({top: Math.round(box(c).top), left: Math.round(box(c).left),
                                      right: box(c).right}))));
+  // Anything that scrolls sideways: a table, or a box around one, wider inside than outside.
+  const scrolling = [...document.querySelectorAll('table, .scroll, pre')]
+      .filter(e => box(e).width > 0 &&
+              (e.scrollWidth > e.clientWidth + 1 || box(e).right > W + 0.5))
+      .map(e => e.tagName + '.' + e.className + ': ' + e.textContent.trim().slice(0, 40));
+  // A header broken inside a word: a word (split at spaces and hyphens) on two lines.
+  const broken = [];
+  const heads = 'th, h1, h2, h3, h4, dt, caption, .grid-head > div, figcaption.strip-title';
+  for (const el of document.querySelectorAll(heads)) {
+    if (box(el).width === 0) continue;
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const m of node.textContent.matchAll(/[^\s\-‐–—\/]+/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const tops = new Set([...range.getClientRects()].filter(r => r.width > 0)
+                                 .map(r => Math.round(r.top / 3)));
+        if (tops.size > 1) broken.push(el.tagName + ': ' + m[0]);
+      }
+    }
+  }
   return {width: W, overflow: document.documentElement.scrollWidth - W,
           gates: outside('table.gates td'), legend: outside('table.gate-legend td'),
-          decisions: outside('.decision'), charts, rows};
+          decisions: outside('.decision'), charts, rows, scrolling, broken};
 }"""
 
 
