@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from audit.metrics.bootstrap import estimate, grouped_summary, stamp, transposed
-from audit.metrics.performance import encode, ovr_differences, worst_first
+from audit.metrics.performance import encode, fairness_gaps, named_pair, worst_first
 
 INTERSECTION = " x "  # joins attribute names ("sex x age") and group names ("female x old")
 NO_GROUP = "(none)"  # the group of a row whose attribute cell is empty
@@ -113,7 +113,6 @@ def _one(
     weights_t: np.ndarray,
     min_cell_size: int,
 ) -> dict[str, Any]:
-    has_boot = weights_t.shape[1] > 0
     n_classes = len(classes)
     correct = (true_idx == pred_idx).astype(np.float64)
     group_idx, group_names = pd.factorize(labels, sort=True)
@@ -132,12 +131,7 @@ def _one(
     cell_names = [
         f"{classes[c]} / {group_names[g]}" for c, g in zip(cell_class, cell_group, strict=True)
     ]
-    dp_point, eo_point = ovr_differences(
-        true_idx, pred_idx, group_idx, n_groups, n_classes, np.ones((len(correct), 1)), judged
-    )
-    dp_boot, eo_boot = ovr_differences(
-        true_idx, pred_idx, group_idx, n_groups, n_classes, weights_t, judged
-    )
+    dp, eo = fairness_gaps(true_idx, pred_idx, group_idx, (n_groups, n_classes), weights_t, judged)
     worst_group = _extreme(groups, group_names, "group")
     worst_cell = _extreme(cells, cell_names, "cell")
     if worst_cell["cell"] is not None:
@@ -161,8 +155,8 @@ def _one(
         "worst_group_accuracy": worst_group,
         "worst_cell_accuracy": worst_cell,
         "accuracy_gap": _gap(groups, group_names),
-        "demographic_parity_difference": estimate(dp_point[0], dp_boot if has_boot else None),
-        "equalized_odds_difference": estimate(eo_point[0], eo_boot if has_boot else None),
+        "demographic_parity_difference": named_pair(dp, classes, group_names),
+        "equalized_odds_difference": named_pair(eo, classes, group_names),
         "fairness_method": (
             f"binary, positive label {classes[0]!r} (fairlearn's definitions)"
             if n_classes == 2

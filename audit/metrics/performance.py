@@ -102,6 +102,88 @@ def _nanmax(values: np.ndarray) -> np.ndarray:
     return np.where(finite.any(axis=1), np.max(np.where(finite, values, -np.inf), axis=1), np.nan)
 
 
+def fairness_gaps(
+    true_idx: np.ndarray,
+    pred_idx: np.ndarray,
+    group_idx: np.ndarray,
+    shape: tuple[int, int],
+    weights_t: np.ndarray,
+    judged: np.ndarray | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Demographic parity and equalized odds differences as estimates with BCa intervals.
+
+    The points are those of `ovr_differences` (fairlearn's definitions; one-vs-rest and the largest
+    over classes beyond two). The interval is that of the difference between the two groups, of the
+    class (and, for equalized odds, the rate) that give the point on the data, over the resamples:
+    an interval that holds its estimate, which the resampled maximum over groups and classes (biased
+    upwards) does not. `shape` is (groups, classes). Each estimate carries `class`, `high`, `low`
+    (+ `rate` for equalized odds: "true positive rate" or "false positive rate"), None where fewer
+    than two groups are judged.
+    """
+    n_groups, n_classes = shape
+    judged = np.ones(n_groups, bool) if judged is None else np.asarray(judged, bool)
+    none = estimate(None, None) | {"class": None, "high": None, "low": None}
+    if judged.sum() < 2:
+        return none, none | {"rate": None}
+    true_idx, pred_idx = np.asarray(true_idx), np.asarray(pred_idx)
+    correct = (true_idx == pred_idx).astype(np.float64)
+
+    def table(index: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        flat = np.bincount(group_idx * n_classes + index, weights, n_groups * n_classes)
+        return flat.reshape(n_groups, n_classes)[:, : 1 if n_classes == 2 else n_classes]
+
+    size = np.bincount(group_idx, minlength=n_groups)[:, None].astype(np.float64)
+    selected, positive, true_pos = table(pred_idx), table(true_idx), table(true_idx, correct)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = {
+            "selection": selected / size,
+            "true positive rate": true_pos / positive,
+            "false positive rate": (selected - true_pos) / (size - positive),
+        }
+    rates = {k: np.where(judged[:, None], v, np.nan) for k, v in rates.items()}
+    spreads = {k: nan_spread(v, axis=0) for k, v in rates.items()}  # per class
+
+    def named(rate: str, k: int) -> dict[str, Any]:
+        column = rates[rate][:, k]
+        high, low = int(np.nanargmax(column)), int(np.nanargmin(column))
+        if high == low:  # equal rates: any other group with a rate
+            high = int(np.flatnonzero(np.isfinite(column) & (np.arange(n_groups) != low))[0])
+        values = {  # the per-image quantity whose group mean is the rate
+            "selection": pred_idx == k,
+            "true positive rate": np.where(true_idx == k, correct, np.nan),
+            "false positive rate": np.where(true_idx != k, pred_idx == k, np.nan),
+        }[rate]
+        pair = np.zeros(n_groups, bool)
+        pair[[high, low]] = True
+        gap = grouped_summary(values.astype(np.float64), group_idx, n_groups, weights_t, pair, True)
+        out = {key: gap["gap"][key] for key in ("value", "ci_low", "ci_high")}
+        return out | {"class": k, "high": high, "low": low}
+
+    if not np.isfinite(spreads["selection"]).any():
+        dp = none
+    else:
+        dp = named("selection", int(np.nanargmax(spreads["selection"])))
+    odds = np.fmax(spreads["true positive rate"], spreads["false positive rate"])
+    if not np.isfinite(odds).any():
+        eo = none | {"rate": None}
+    else:
+        k = int(np.nanargmax(odds))
+        tpr = spreads["true positive rate"][k]
+        rate = (
+            "true positive rate"
+            if tpr >= np.nan_to_num(spreads["false positive rate"][k], nan=-1)
+            else "false positive rate"
+        )
+        eo = named(rate, k) | {"rate": rate}
+    return dp, eo
+
+
+def named_pair(entry: dict[str, Any], classes: list[str], groups: list[str]) -> dict[str, Any]:
+    """A `fairness_gaps` estimate with its class and groups by name instead of by index."""
+    named = {"class": classes, "high": groups, "low": groups}
+    return entry | {k: None if entry[k] is None else v[entry[k]] for k, v in named.items()}
+
+
 def fairness_differences(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -253,17 +335,8 @@ def performance(
     else:
         worst_name, worst_entry = None, estimate(None, None)
     judged_groups = np.bincount(group_idx, minlength=n_groups) >= min_cell_size
-    point_dp, point_eo = ovr_differences(
-        true_idx,
-        pred_idx,
-        group_idx,
-        n_groups,
-        n_classes,
-        np.ones((len(correct), 1)),
-        judged_groups,
-    )
-    boot_dp, boot_eo = ovr_differences(
-        true_idx, pred_idx, group_idx, n_groups, n_classes, weights_t, judged_groups
+    dp, eo = fairness_gaps(
+        true_idx, pred_idx, group_idx, (n_groups, n_classes), weights_t, judged_groups
     )
     counts = confusion_counts(true_idx, pred_idx, n_classes)
     per_class = _by(class_summary, classes, np.ones(n_classes, bool), min_cell_size)
@@ -282,8 +355,8 @@ def performance(
             "skipped": int(((cell_counts > 0) & (cell_counts < min_cell_size)).sum()),
         },
         "accuracy_gap": _named_gap(group_summary, group_names),
-        "demographic_parity_difference": estimate(point_dp[0], boot_dp if len(weights) else None),
-        "equalized_odds_difference": estimate(point_eo[0], boot_eo if len(weights) else None),
+        "demographic_parity_difference": named_pair(dp, classes, group_names),
+        "equalized_odds_difference": named_pair(eo, classes, group_names),
         "fairness_method": _fairness_method(classes),
         "top_confusions": top_confusions(counts, classes, top_k),
     }
