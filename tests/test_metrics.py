@@ -410,3 +410,22 @@ def test_gap_intervals_hold_their_estimate_where_the_spread_percentile_does_not(
         assert gap["value"] == pytest.approx(summary["point"].max() - summary["point"].min())
         for i in range(4):
             assert summary["ci_low"][i] <= summary["point"][i] <= summary["ci_high"][i]
+
+
+def test_headline_samples_follow_the_named_worst_cell_in_a_tie():
+    """Cells a / y and b / x are both right half of the time: the comparisons resample the one
+    `performance` names, not the other."""
+    from audit.metrics.performance import headline_samples
+
+    y_true = np.array(list("aaaabbbb") * 5)
+    groups = np.array(list("xxyyxxyy") * 5)
+    correct = np.array([1, 1, 1, 0, 1, 0, 1, 1] * 5, dtype=bool)
+    y_pred = np.where(correct, y_true, np.where(y_true == "a", "b", "a"))
+    weights = resample_weights(40, 60, 2)
+    perf = performance(y_true, y_pred, groups, ["a", "b"], weights)
+    assert perf["per_cell"]["a / y"]["value"] == perf["per_cell"]["b / x"]["value"] == 0.5
+    label, group = perf["worst_group_accuracy"]["cell"].split(" / ")
+    rows = headline_samples(correct, y_true, groups, weights)
+    members = (y_true == label) & (groups == group)
+    expected = [np.average(correct[members], weights=w[members]) for w in weights]
+    assert rows["worst_group_accuracy"][1:] == pytest.approx(expected)

@@ -397,8 +397,9 @@ def headline_samples(
     correct = np.asarray(correct, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64).reshape(-1, len(correct))
     rows_t = transposed(np.vstack([np.ones((1, len(correct))), weights]))
+    # Group-major, as `performance` numbers its cells: a tie for the worst cell names the same one.
     cell_keys = pd.MultiIndex.from_arrays(
-        [np.asarray(y_true).astype(str), np.asarray(groups).astype(str)]
+        [np.asarray(groups).astype(str), np.asarray(y_true).astype(str)]
     )
     cell_idx, cell_names = pd.factorize(cell_keys, sort=True)
     group_idx, group_names = pd.factorize(np.asarray(groups).astype(str), sort=True)
