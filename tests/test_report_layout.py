@@ -115,6 +115,22 @@ def test_phone_width_is_readable_in_chromium(small_run, tmp_path):
         assert all(left == lefts[0] for left in lefts)
 
 
+def test_phone_width_of_the_demo_has_no_sideways_table_or_broken_header(demo_run):
+    """The same phone checks on the demo's report (the session's demo run, shared)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": PHONE, "height": 844})
+            page.goto((demo_run / "report.html").as_uri(), wait_until="load")
+            info = page.evaluate(PHONE_PROBE)
+        finally:
+            browser.close()
+    assert info["overflow"] <= 1
+    assert info["scrolling"] == [] and info["broken"] == [], (info["scrolling"], info["broken"])
+
+
 def _pdf_pages(pdf: Path) -> list[str]:
     text = subprocess.run(
         [_tool("pdftotext"), "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
