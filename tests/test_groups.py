@@ -200,78 +200,89 @@ def test_against_fairlearn_and_pandas(n_classes):
 
 
 def test_bootstrap_intervals_equal_a_naive_loop_over_resamples():
+    """Every interval against resamples drawn row by row with pandas: group and cell means, and the
+    gaps between the two named groups, as BCa intervals (Efron's definition, written out in
+    tests.test_metrics.naive_bca, with a leave-one-out loop); the worst group and cell carry their
+    own entry's interval; demographic parity and equalized odds, the BCa interval of the difference
+    between the named groups in the named class's rate."""
+    from tests.test_metrics import naive_bca
+
     table = _synthetic(90, 3, seed=7)
     classes = ["c0", "c1", "c2"]
-    weights = resample_weights(90, 40, seed=3)
+    n = len(table)
+    weights = resample_weights(n, 40, seed=3)
     min_size = 12
     out = group_metrics(table, ["sex", "age"], classes, weights, min_cell_size=min_size)
     labels = group_labels(table, ["sex", "age"])
+    right_all = (table["label"] == table["prediction"]).to_numpy().astype(float)
+    labels_all, predictions_all = table["label"].to_numpy(), table["prediction"].to_numpy()
+    shares_all = table["share:gradcam:protected"].to_numpy()
     for name, groups in labels.items():
         block = out[name]
         sizes = pd.Series(groups).value_counts()
         judged = set(sizes[sizes >= min_size].index)
-        cell_keys = pd.Series(table["label"].to_numpy() + " / " + groups)
-        cell_sizes = cell_keys.value_counts()
-        judged_cells = set(cell_sizes[cell_sizes >= min_size].index)
-        if name == "sex":  # every interval below is checked at least here
-            assert len(judged) == 2 and len(judged_cells) >= 2
-        draws: dict[str, list] = {
-            "group": [],
-            "worst_cell": [],
-            "gap": [],
-            "attention": [],
-            "dp": [],
-        }
-        per_group_draws: dict[str, list] = {g: [] for g in sizes.index}
-        for b in range(len(weights)):
-            idx = np.repeat(np.arange(90), weights[b].astype(int))
-            sub = table.iloc[idx].reset_index(drop=True)
-            sub_groups = pd.Series(groups[idx])
-            right = (sub["label"] == sub["prediction"]).to_numpy()
-            by_group = pd.Series(right).groupby(sub_groups).mean()
-            for g, v in by_group.items():
-                per_group_draws[g].append(v)
-            judged_acc = by_group[by_group.index.isin(judged)]
-            draws["group"].append(judged_acc.min())
-            draws["gap"].append(judged_acc.max() - judged_acc.min())
-            by_cell = pd.Series(right).groupby(pd.Series(cell_keys.to_numpy()[idx])).mean()
-            draws["worst_cell"].append(by_cell[by_cell.index.isin(judged_cells)].min())
-            shares = sub["share:gradcam:protected"].groupby(sub_groups).mean()
-            shares = shares[shares.index.isin(judged)]
-            draws["attention"].append(shares.max() - shares.min())
-            keep = sub_groups.isin(judged).to_numpy()
-            selection = pd.crosstab(sub_groups[keep], sub["prediction"][keep], normalize="index")
-            selection = selection.reindex(columns=classes, fill_value=0.0)
-            draws["dp"].append((selection.max() - selection.min()).max())
+        cell_keys = table["label"].to_numpy() + " / " + groups
 
-        def ci(values):
-            values = np.asarray(values, float)
-            return pytest.approx(list(np.percentile(values[np.isfinite(values)], [2.5, 97.5])))
+        def figures(rows: np.ndarray, block=block, groups=groups, keys=cell_keys, sizes=sizes):
+            """Each figure on the rows `rows` (a resample or a leave-one-out set) by pandas."""
+            right = pd.Series(right_all[rows]).groupby(groups[rows]).mean()
+            shares = pd.Series(shares_all[rows]).groupby(groups[rows]).mean()
+            cells = pd.Series(right_all[rows]).groupby(keys[rows]).mean()
+            out = {f"group {g}": right.get(g, np.nan) for g in sizes.index}
+            out |= {f"cell {c}": cells.get(c, np.nan) for c in block["per_cell"]}
+            gap, att = block["accuracy_gap"], block["attention_gap"]
+            if gap["high"] is not None:
+                out["gap"] = right.get(gap["high"], np.nan) - right.get(gap["low"], np.nan)
+                out["attention"] = shares.get(att["high"], np.nan) - shares.get(att["low"], np.nan)
+            true, pred = labels_all[rows], predictions_all[rows]
+            for key in ("demographic_parity_difference", "equalized_odds_difference"):
+                named = block[key]
+                if named["high"] is None:
+                    continue
+                k = named["class"]
+                per_image = {  # the named class's rate, per image, and who counts
+                    None: (pred == k, np.ones(len(rows), bool)),
+                    "true positive rate": (pred == k, true == k),
+                    "false positive rate": (pred == k, true != k),
+                }[named.get("rate")]
+                rate = pd.Series(per_image[0][per_image[1]].astype(float))
+                rate = rate.groupby(groups[rows][per_image[1]]).mean()
+                out[key] = rate.get(named["high"], np.nan) - rate.get(named["low"], np.nan)
+            return out
 
-        for g, values in per_group_draws.items():
-            entry = block["per_group"][g]
-            assert [entry["ci_low"], entry["ci_high"]] == ci(values)
-        if judged:
-            assert [block["worst_group_accuracy"][k] for k in ("ci_low", "ci_high")] == ci(
-                draws["group"]
-            )
+        draws = pd.DataFrame([figures(np.repeat(np.arange(n), w.astype(int))) for w in weights])
+        jackknife = pd.DataFrame([figures(np.delete(np.arange(n), i)) for i in range(n)])
+        point = figures(np.arange(n))
+        entries = {f"group {g}": block["per_group"][g] for g in sizes.index}
+        entries |= {f"cell {c}": e for c, e in block["per_cell"].items()}
         if len(judged) >= 2:
-            assert [block["accuracy_gap"][k] for k in ("ci_low", "ci_high")] == ci(draws["gap"])
-            assert [block["attention_gap"][k] for k in ("ci_low", "ci_high")] == ci(
-                draws["attention"]
-            )
-            assert [block["demographic_parity_difference"][k] for k in ("ci_low", "ci_high")] == ci(
-                draws["dp"]
-            )
-        if judged_cells:
-            assert [block["worst_cell_accuracy"][k] for k in ("ci_low", "ci_high")] == ci(
-                draws["worst_cell"]
-            )
+            entries |= {"gap": block["accuracy_gap"], "attention": block["attention_gap"]}
+            for key in ("demographic_parity_difference", "equalized_odds_difference"):
+                entries[key] = block[key]
+        for key, entry in entries.items():
+            assert entry["value"] == pytest.approx(point[key]), key
+            if jackknife[key].nunique() > 1:  # a group of one image has no jackknife to speak of
+                assert [entry["ci_low"], entry["ci_high"]] == pytest.approx(
+                    naive_bca(draws[key], point[key], jackknife[key])
+                ), key
+                assert entry["ci_low"] <= entry["value"] <= entry["ci_high"], key
+        figure = ("value", "ci_low", "ci_high")
+        for key, entries_of, name_key in (
+            ("worst_group_accuracy", "per_group", "group"),
+            ("worst_cell_accuracy", "per_cell", "cell"),
+        ):
+            worst = block[key]
+            if worst[name_key] is not None:  # one cell, one interval
+                own = block[entries_of][worst[name_key]]
+                assert [worst[k] for k in figure] == [own[k] for k in figure]
+        assert judged == set() or block["worst_group_accuracy"]["group"] is not None
         # paired samples for comparisons: row 0 the estimate, then the same resamples
         samples = group_samples(table, name, groups, classes, weights, min_cell_size=min_size)
         assert samples["accuracy_gap"][0] == pytest.approx(
             block["accuracy_gap"]["value"], nan_ok=True
         )
+        if len(judged) >= 2:
+            assert samples["accuracy_gap"][1:] == pytest.approx(draws["gap"].to_numpy())
         assert len(samples["worst_cell_accuracy"]) == 41
     assert out["sex"]["skipped"]["cells"] > 0  # the test exercises skipping
 

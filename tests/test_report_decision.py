@@ -145,14 +145,14 @@ def test_the_decision_is_written_from_the_figures(share, area, worst, flips):
         "flips": (flips - 0.10) / 0.10,
     }
     expected = {
-        "worst": f"It fails on female doctor images: right for {100 * worst:.0f}% of them, "
+        "worst": f"It fails on female doctor images: right for {100 * worst:.1f}% of them, "
         "against 100% of male doctor images (limit: at least 85% in every cell).",
         "attention": f"It decides from hair + face rather than from stethoscope + badge: "
-        f"{100 * share:.0f}% of its Grad-CAM falls on hair + face, which cover "
+        f"{100 * share:.1f}% of its Grad-CAM falls on hair + face, which cover "
         f"{100 * area:.0f}% of the image (limit: at most 30%).",
         "flips": "Its answer depends on the group: changing only the protected attribute (its "
         "twin with the group's cues swapped) changes its prediction for "
-        f"{100 * flips:.0f}% of the images (limit: at most 10%).",
+        f"{100 * flips:.1f}% of the images (limit: at most 10%).",
     }
     top = sorted(severity, key=severity.get, reverse=True)[:2]
     assert [_text(s) for s in biased["why"]] == [expected[k] for k in top]
@@ -292,10 +292,10 @@ def test_one_finding_per_kind_of_gate():
     biased = decisions(metrics, _mistakes(metrics), ANCHORS)[0]
     assert len(biased["why"]) == 1  # both failing gates are worst-group accuracy
     # The sex gate (worse) is told; with no block of its own it reads the model's figures.
-    assert _text(biased["why"][0]).startswith("It fails on female doctor images: right for 50%")
+    assert _text(biased["why"][0]).startswith("It fails on female doctor images: right for 50.0%")
     # The age gate alone reads the age block's worst cell.
     metrics["gates"] = [g for g in per_attribute if g.get("attribute") != "sex"]
     biased = decisions(metrics, _mistakes(metrics), ANCHORS)[0]
-    assert _text(biased["why"][0]).startswith("It fails on male nurse images: right for 60%")
+    assert _text(biased["why"][0]).startswith("It fails on male nurse images: right for 60.0%")
     legend = gate_legend(per_attribute)
     assert [r["label"] for r in legend].count("x (per protected attribute)") == 1

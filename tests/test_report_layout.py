@@ -34,7 +34,7 @@ def small_run(small_dataset, tmp_path_factory) -> Path:
     return root / "run"
 
 
-PHONE_PROBE = """() => {
+PHONE_PROBE = r"""() => {
   const W = window.innerWidth;
   const box = e => e.getBoundingClientRect();
   const outside = sel => [...document.querySelectorAll(sel)]
@@ -46,9 +46,31 @@ PHONE_PROBE = """() => {
       [...g.querySelectorAll(':scope > .grid-row')].map(r =>
           [...r.children].map(c => ({top: Math.round(box(c).top), left: Math.round(box(c).left),
                                      right: box(c).right}))));
+  // Anything that scrolls sideways: a table, or a box around one, wider inside than outside.
+  const scrolling = [...document.querySelectorAll('table, .scroll, pre')]
+      .filter(e => box(e).width > 0 &&
+              (e.scrollWidth > e.clientWidth + 1 || box(e).right > W + 0.5))
+      .map(e => e.tagName + '.' + e.className + ': ' + e.textContent.trim().slice(0, 40));
+  // A header broken inside a word: a word (split at spaces and hyphens) on two lines.
+  const broken = [];
+  const heads = 'th, h1, h2, h3, h4, dt, caption, .grid-head > div, figcaption.strip-title';
+  for (const el of document.querySelectorAll(heads)) {
+    if (box(el).width === 0) continue;
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const m of node.textContent.matchAll(/[^\s\-‐–—\/]+/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const tops = new Set([...range.getClientRects()].filter(r => r.width > 0)
+                                 .map(r => Math.round(r.top / 3)));
+        if (tops.size > 1) broken.push(el.tagName + ': ' + m[0]);
+      }
+    }
+  }
   return {width: W, overflow: document.documentElement.scrollWidth - W,
           gates: outside('table.gates td'), legend: outside('table.gate-legend td'),
-          decisions: outside('.decision'), charts, rows};
+          decisions: outside('.decision'), charts, rows, scrolling, broken};
 }"""
 
 
@@ -74,6 +96,9 @@ def test_phone_width_is_readable_in_chromium(small_run, tmp_path):
             browser.close()
     assert info["width"] == PHONE and info["overflow"] <= 1
     assert info["gates"] == [] and info["legend"] == [] and info["decisions"] == []
+    # No table scrolls sideways, and no header breaks inside a word (issue 19).
+    assert info["scrolling"] == [], info["scrolling"]
+    assert info["broken"] == [], info["broken"]
     assert len(info["charts"]) >= 5
     for chart in info["charts"]:
         smallest, view = _svg_scale_fonts(chart["src"])
@@ -88,6 +113,22 @@ def test_phone_width_is_readable_in_chromium(small_run, tmp_path):
         # Columns line up: the n-th tile of every row starts at the same x.
         lefts = [[c["left"] for c in row] for row in grid if len(row) == len(grid[0])]
         assert all(left == lefts[0] for left in lefts)
+
+
+def test_phone_width_of_the_demo_has_no_sideways_table_or_broken_header(demo_run):
+    """The same phone checks on the demo's report (the session's demo run, shared)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": PHONE, "height": 844})
+            page.goto((demo_run / "report.html").as_uri(), wait_until="load")
+            info = page.evaluate(PHONE_PROBE)
+        finally:
+            browser.close()
+    assert info["overflow"] <= 1
+    assert info["scrolling"] == [] and info["broken"] == [], (info["scrolling"], info["broken"])
 
 
 def _pdf_pages(pdf: Path) -> list[str]:
@@ -114,6 +155,7 @@ def test_pdf_pages_gates_intervals_and_chart_text(small_run, tmp_path):
     seen = {name: 0 for name in rows}
     for page in pages:
         headlines = len(re.findall(r"Do not ship|can ship:|No gate is configured", page))
+        headlines += len(re.findall(r"\d+ of \d+ gates pass|no gate configured", page))
         here = [name for name in rows if re.search(rf"^\s*{re.escape(name)}: check", page, re.M)]
         badges = page.count("✓ PASS") + page.count("✗ FAIL")
         badges += page.count("⚠ NOT TRUSTED") if here else 0  # a gate of an untrusted method
@@ -135,6 +177,34 @@ def test_pdf_pages_gates_intervals_and_chart_text(small_run, tmp_path):
     )
     assert len(words) >= 4
     assert min(float(y1) - float(y0) for y0, y1, _ in words) >= 8
+
+
+def test_pdf_page_one_has_every_verdict_and_accuracy_and_is_full(small_run):
+    """Page one carries every model's verdict and overall accuracy (issue 19: the second model's
+    verdict was on page two, page one half empty), and no empty reason ("Why.", issue 24)."""
+    import json
+
+    from audit.report.fmt import ci
+
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    first = _pdf_pages(small_run / "report.pdf")[0]
+    for name, model in metrics["models"].items():
+        badge = "✓ PASS" if metrics["verdicts"][name] == "pass" else "✗ FAIL"
+        accuracy = ci(model["performance"]["accuracy"], 1)
+        assert re.search(rf"^\s*{re.escape(name)}\s+{badge}\s+{re.escape(accuracy)}", first, re.M)
+        assert f"Do not ship {name}" in first or f"{name} can ship" in first
+    assert not re.search(r"\bWhy\s*\.", first)
+    # The page is used: its lowest word (the footer aside) sits in the bottom fifth of the page.
+    bbox = subprocess.run(
+        [_tool("pdftotext"), "-bbox", "-f", "1", "-l", "1", str(small_run / "report.pdf"), "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    height = float(re.search(r'<page width="[\d.]+" height="([\d.]+)"', bbox).group(1))
+    words = re.findall(r'yMax="([\d.]+)">([^<]*)</word>', bbox)
+    body = [float(y) for y, word in words if word not in ("Page", "1", "of") and not word.isdigit()]
+    assert max(body) > 0.8 * height
 
 
 def test_mistakes_are_capped_per_cell_with_the_rest_counted(small_run):
@@ -189,7 +259,7 @@ def test_trust_fairness_and_cells_of_a_small_run(small_run):
     per_cell.csv."""
     import json
 
-    from audit.report.sections import method_name
+    from audit.report.sections import method_name, trust_verdict
 
     html = (small_run / "report.html").read_text()
     metrics = json.loads((small_run / "metrics.json").read_text())
@@ -201,7 +271,12 @@ def test_trust_fairness_and_cells_of_a_small_run(small_run):
             row = table.split(f"{name} · {method_name(method)}</td>", 1)[1].split("</tr>", 1)[0]
             final = entry["randomization"]["final_spearman"]["value"]
             assert f"{final:.2f}" in row
-            assert ("✓ TRUSTED" if entry["trusted"] else "⚠ NOT TRUSTED") in row
+            badge = {
+                "trusted": "✓ TRUSTED",
+                "use with care": "⚠ USE WITH CARE",
+                "not trusted": "⚠ NOT TRUSTED",
+            }[trust_verdict(entry)]
+            assert badge in row and sum(b in row for b in ("✓ TRUSTED", "⚠ NOT", "⚠ USE")) == 1
         # Page one: one sentence per model on which methods to believe.
         assert f"For {name}, " in html.split('id="data"', 1)[0]
     first = next(iter(metrics["models"]))

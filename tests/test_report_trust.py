@@ -303,8 +303,12 @@ def test_a_not_trusted_gate_shows_not_trusted_and_why(tmp_path):
         "weights are randomized (rank correlation 0.93)."
     )
     second = next(d for d in context["decisions"] if d["model"] == "fair")
-    assert _text(second["believe"]).startswith("For fair, Grad-CAM can be believed")
-    assert "Guided Grad-CAM cannot" in _text(second["believe"])
+    # fair's Grad-CAM passes the sanity check but not faithfulness: the two said together.
+    assert _text(second["believe"]).startswith(
+        "For fair, use Grad-CAM with care: its maps depend on the weights (the sanity check "
+        "passes), but deletion and insertion do not clearly beat a random order (faithfulness is "
+        "not shown); Guided Grad-CAM cannot"
+    )
     assert "not trusted" in _text(first["looks"]).lower()
     # The trust table: one row per model x method with its verdict.
     rows = context["trust"]["rows"]
@@ -315,15 +319,24 @@ def test_a_not_trusted_gate_shows_not_trusted_and_why(tmp_path):
         ("fair", "Guided Grad-CAM", False),
     ]
     assert _text(rows[0]["rho"]) == "0.93 [0.88 to 0.98]"
+    assert [r["verdict"] for r in rows] == [
+        "not trusted",
+        "trusted",
+        "use with care",
+        "not trusted",
+    ]
+    assert "does not clearly beat a random order: use with care" in rows[2]["short"]
     assert "does not clearly beat a random order" in rows[3]["short"]
+    care = page.split("fair · Grad-CAM</td>", 1)[1].split("</tr>", 1)[0]
+    assert "⚠ USE WITH CARE" in care and "✓ TRUSTED" not in care
     # The section comes before the attention section, and the TOC follows the numbering.
     assert page.index('id="trust"') < page.index('id="attention"')
     assert "4. Can these explanations be trusted?" in text and "5. Attention on regions" in text
     # Gallery tiles of a failing method carry the warning: biased · gradcam, fair · guided_gradcam.
     columns = context["gallery"]["columns"]
     assert [c for c in columns if "not trusted" in c] == [
-        "biased · gradcam (⚠ not trusted)",
-        "fair · guided_gradcam (⚠ not trusted)",
+        "biased · Grad-CAM (⚠ not trusted)",
+        "fair · Guided Grad-CAM (⚠ not trusted)",
     ]
     gallery = page.split('id="gallery"', 1)[1].split('id="misclassified"', 1)[0]
     assert gallery.count('class="tile correct untrusted"') + gallery.count(
@@ -332,7 +345,7 @@ def test_a_not_trusted_gate_shows_not_trusted_and_why(tmp_path):
     # Occlusion: effects with CIs per model and group, and the paired difference (b minus a).
     occlusion = context["trust"]["occlusion"]
     assert len(occlusion["rows"]) == 2 * 2 * 2  # models x (protected, core) x (mean, blur)
-    assert _text(occlusion["rows"][0]["effect"]) == "2.0% [1.0–3.0]"
+    assert _text(occlusion["rows"][0]["effect"]) == "2.0 pts [1.0 to 3.0]"  # an effect: points
     assert "-12.3 pts [-15.0 to -10.0]" in text
 
 
@@ -357,7 +370,9 @@ def test_many_classes_show_the_top_confusions_and_the_worst_cells(tmp_path):
     assert "30 classes: too many for a confusion matrix" in text
     first = model["performance"]["top_confusions"][0]
     assert re.search(
-        rf"<td>{first['true']}</td><td>{first['predicted']}</td><td>7</td><td>17.5%</td>", page
+        rf'<td data-label="True class">{first["true"]}</td><td data-label="Predicted">'
+        rf'{first["predicted"]}</td><td data-label="Images">7</td><td data-label="Share">17.5%</td>',
+        page,
     )
     # The cells: 60, the worst 12 shown worst first, the rest counted.
     context = build_context(run)
@@ -404,7 +419,7 @@ def test_a_cell_too_few_to_judge_is_marked(tmp_path):
     # Attention by group, per attribute, with the gap.
     attention = context["fairness"]["attention"]["biased"][0]
     assert attention["attribute"] == "sex"
-    assert _text(attention["gap"]) == "+20.0 pts [+17.0 to +23.0]"
+    assert _text(attention["gap"]) == "20.0 pts [17.0 to 23.0]"  # a gap: in points, unsigned
     assert "the worst attribute is doctor / female in “sex”, right 50.0%" in _text(page)
 
 
@@ -475,10 +490,18 @@ def test_trust_sentence_and_untrusted_methods_by_hand():
     model["trust"]["methods"]["saliency"]["faithfulness"]["faithful"] = False
     assert list(sections.untrusted_methods(model)) == ["guided_gradcam"]
     assert _text(sections.trust_sentence("m", model)) == (
-        "For m, Grad-CAM and saliency can be believed (their maps depend on the weights; for "
-        "saliency, deletion and insertion do not clearly beat a random order); Guided Grad-CAM "
-        "cannot: its maps barely change when the weights are randomized (rank correlation 0.70)."
+        "For m, Grad-CAM can be believed (its maps depend on the weights; deletion and insertion "
+        "beat a random order); use saliency with care: its maps depend on the weights (the sanity "
+        "check passes), but deletion and insertion do not clearly beat a random order "
+        "(faithfulness is not shown); Guided Grad-CAM cannot: its maps barely change when the "
+        "weights are randomized (rank correlation 0.70)."
     )
+    verdicts = {m: sections.trust_verdict(e) for m, e in model["trust"]["methods"].items()}
+    assert verdicts == {
+        "gradcam": "trusted",
+        "guided_gradcam": "not trusted",
+        "saliency": "use with care",
+    }
     assert sections.trust_sentence("m", {}) is None
     # Constant maps after randomization: no correlation, not trusted, said so (no crash).
     flat = {"trust": _trust({"gradcam": 0.9})}
@@ -542,6 +565,6 @@ def test_the_occlusion_gate_is_told_in_words():
     data = {"protected_regions": ["hair", "face"], "core_regions": []}
     assert _text(gate_sentence(gate, {}, data)) == (
         "its decision uses the protected attribute's pixels: hiding hair + face (filled with the "
-        "image's mean colour) lowers its confidence by 23.4 points more than hiding a patch of "
-        "the same shape elsewhere (limit: at most 10%)."
+        "image's mean colour) lowers its confidence by 23.4 pts more than hiding a patch of "
+        "the same shape elsewhere (limit: at most 10 pts)."
     )

@@ -1,12 +1,19 @@
-"""Vectorised bootstrap: resampling weights as a (B, n) multinomial matrix, statistics as matmuls."""
+"""Vectorised bootstrap: resampling weights as a (B, n) multinomial matrix, statistics as matmuls.
+
+Intervals of means and of gaps between two means can be bias-corrected and accelerated (BCa,
+Efron 1987; the method of `scipy.stats.bootstrap(method="BCa")`), with the jackknife acceleration
+in closed form per group, so a thousand cells cost no loop over rows or cells.
+"""
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
 CI_QUANTILES = (2.5, 97.5)
+Z_CI = 1.959963984540054  # the standard normal quantile of 97.5%: two-sided 95% intervals
 
 
 def resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -104,22 +111,92 @@ def column_percentiles(samples: np.ndarray, quantiles: tuple[float, ...]) -> np.
     them, without np.nanpercentile's Python loop over columns: (len(quantiles), C), NaN for a column
     without a finite value."""
     samples = np.asarray(samples, dtype=np.float64)
+    levels = np.broadcast_to(
+        np.asarray(quantiles, np.float64)[:, None], (len(quantiles), samples.shape[1])
+    )
+    return column_quantiles(samples, levels)
+
+
+def column_quantiles(samples: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Percentiles of each column's finite values at levels of its own: `levels` (k, C) in percent,
+    linear interpolation as np.percentile; (k, C), NaN for a column without a finite value or level."""
+    samples = np.asarray(samples, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
     ordered = np.sort(np.where(np.isfinite(samples), samples, np.inf), axis=0)  # finite first
     count = np.isfinite(samples).sum(axis=0)
-    out = np.full((len(quantiles), samples.shape[1]), np.nan)
+    out = np.full(levels.shape, np.nan)
     some = count > 0
     if not some.any():
         return out
     ordered, count = ordered[:, some], count[some]
     columns = np.arange(ordered.shape[1])
-    for i, q in enumerate(quantiles):
-        position = (count - 1) * (q / 100.0)
+    for i, q in enumerate(levels[:, some]):
+        position = (count - 1) * (np.clip(np.nan_to_num(q, nan=50.0), 0.0, 100.0) / 100.0)
         below = np.floor(position).astype(np.int64)
         above = np.minimum(below + 1, count - 1)
         fraction = position - below
         lo, hi = ordered[below, columns], ordered[above, columns]
-        out[i, some] = lo + (hi - lo) * fraction
+        out[i, some] = np.where(np.isfinite(q), lo + (hi - lo) * fraction, np.nan)
     return out
+
+
+def bca_columns(
+    samples: np.ndarray, point: np.ndarray, acceleration: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 95% BCa interval of each column of bootstrap `samples` (B, C), NaN ignored.
+
+    `point` (C,) is the estimate on the data, `acceleration` (C,) the jackknife acceleration. The
+    bias correction z0 is the normal quantile of the share of samples below the point (ties count
+    half, as scipy.stats.bootstrap), clipped to half a sample from 0 and 1 so it stays finite.
+    Unlike the percentile interval of a biased statistic, the interval moves with its estimate.
+    """
+    from scipy.special import ndtr, ndtri
+
+    samples = np.asarray(samples, dtype=np.float64)
+    point = np.asarray(point, dtype=np.float64)
+    finite = np.isfinite(samples)
+    count = finite.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = ((samples < point) & finite).sum(axis=0) + ((samples <= point) & finite).sum(axis=0)
+        share = np.clip(below / (2.0 * count), 0.5 / count, 1 - 0.5 / count)
+        z0 = ndtri(share)
+        a = np.nan_to_num(np.asarray(acceleration, dtype=np.float64), nan=0.0)
+        levels = []
+        for z in (-Z_CI, Z_CI):
+            shifted = z0 + z
+            levels.append(100.0 * ndtr(z0 + shifted / (1 - a * shifted)))
+    levels = np.where(np.isfinite(point) & (count > 0), np.array(levels), np.nan)
+    low, high = column_quantiles(samples, levels)
+    return low, high
+
+
+def jackknife_sums(
+    values: np.ndarray, codes: np.ndarray, n_codes: int, point: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per code, the sums of U^2 and U^3 over the jackknife influences of its mean.
+
+    Leaving out row i of a code with m finite values moves the code's mean by (mean - x_i)/(m - 1)
+    and leaves the other codes' means as they are, so U_i = (x_i - mean)/(m - 1) and the BCa
+    acceleration of a mean is s3 / (6 s2^1.5), of a difference of two codes' means
+    (s3_a - s3_b) / (6 (s2_a + s2_b)^1.5) (see `acceleration`). Codes with fewer than 2 values: 0.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    codes = np.asarray(codes, dtype=np.int64)
+    keep = np.isfinite(values) & (codes >= 0) & (codes < n_codes)
+    codes, values = codes[keep], values[keep]
+    m = np.bincount(codes, minlength=n_codes)[:n_codes].astype(np.float64)
+    deviation = values - np.asarray(point, dtype=np.float64)[codes]
+    scale = np.where(m > 1, m - 1, np.inf)
+    s2 = np.bincount(codes, weights=deviation**2, minlength=n_codes)[:n_codes] / scale**2
+    s3 = np.bincount(codes, weights=deviation**3, minlength=n_codes)[:n_codes] / scale**3
+    return s2, s3
+
+
+def acceleration(s2: np.ndarray, s3: np.ndarray) -> np.ndarray:
+    """BCa acceleration from jackknife sums (0 where the jackknife does not move the statistic)."""
+    s2, s3 = np.asarray(s2, dtype=np.float64), np.asarray(s3, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s2 > 0, s3 / (6.0 * np.where(s2 > 0, s2, 1.0) ** 1.5), 0.0)
 
 
 def grouped_summary(
@@ -128,49 +205,70 @@ def grouped_summary(
     n_codes: int,
     weights_t: np.ndarray,
     judged: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Per-code mean with its bootstrap interval, and the per-resample min and max over `judged` codes.
+    bca: bool = False,
+) -> dict[str, Any]:
+    """Per-code mean with its bootstrap interval; the lowest and highest judged codes.
 
-    Returns point, n (finite values per code), ci_low, ci_high (NaN where no resample has a value),
-    and boot_min / boot_max, (B,) arrays: the smallest and largest code mean in each resample over
-    the codes where `judged` is true (all by default), NaN-aware, NaN when none has a value.
+    Returns point, n (finite values per code), ci_low, ci_high (NaN where no resample has a value;
+    BCa intervals with `bca`, else percentile ones); boot_min / boot_max, (B,) arrays: the smallest
+    and largest code mean in each resample over the codes where `judged` is true (all by default),
+    NaN-aware; worst (the code of the lowest judged mean, or -1) with worst_samples, its mean per
+    resample; gap, the highest minus the lowest judged mean as an estimate dict whose interval is
+    that of the difference between these two named codes in every resample (+ high, low: their
+    codes, -1 with fewer than two), and gap_samples, that difference per resample.
     The resample means are built a chunk of codes at a time, so memory stays bounded.
     """
     values = np.asarray(values, dtype=np.float64)
     codes = np.asarray(codes, dtype=np.int64)
     point, n = grouped_point(values, codes, n_codes)
     judged = np.ones(n_codes, bool) if judged is None else np.asarray(judged, bool)
+    ranked = np.where(judged, point, np.nan)
+    has = np.isfinite(ranked)
+    low_code = int(np.nanargmin(ranked)) if has.any() else -1
+    high_code = int(np.nanargmax(ranked)) if has.sum() >= 2 else -1
+    if high_code >= 0 and high_code == low_code:  # all equal: any other judged code
+        high_code = int(np.flatnonzero(has & (np.arange(n_codes) != low_code))[0])
     n_boot = weights_t.shape[1]
     low = np.full(n_codes, np.nan)
     high = np.full(n_codes, np.nan)
     boot_min = np.full(n_boot, np.nan)
     boot_max = np.full(n_boot, np.nan)
-    if n_boot == 0:
-        return {
-            "point": point,
-            "n": n,
-            "ci_low": low,
-            "ci_high": high,
-            "boot_min": boot_min,
-            "boot_max": boot_max,
-        }
+    picked = {low_code: np.full(n_boot, np.nan), high_code: np.full(n_boot, np.nan)}
+    s2, s3 = jackknife_sums(values, codes, n_codes, point) if bca else (None, None)
     finite = np.isfinite(values)
     clean = np.where(finite, values, 0.0)
     step = max(1, CHUNK_FLOATS // max(n_boot, 1))
-    for start in range(0, n_codes, step):
+    for start in range(0, n_codes if n_boot else 0, step):
         stop = min(n_codes, start + step)
         local = np.where(finite, codes - start, -1)
         totals = grouped_sums(clean, local, stop - start, weights_t)
         counts = grouped_sums(finite.astype(np.float64), local, stop - start, weights_t)
         with np.errstate(invalid="ignore", divide="ignore"):
             means = np.where(counts > 0, totals / np.where(counts > 0, counts, 1), np.nan)
-        low[start:stop], high[start:stop] = column_percentiles(means, CI_QUANTILES)
+        if bca:
+            accel = acceleration(s2[start:stop], s3[start:stop])
+            low[start:stop], high[start:stop] = bca_columns(means, point[start:stop], accel)
+        else:
+            low[start:stop], high[start:stop] = column_percentiles(means, CI_QUANTILES)
+        for code in picked:
+            if start <= code < stop:
+                picked[code] = means[:, code - start]
         chosen = means[:, judged[start:stop]]
         if chosen.shape[1]:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 boot_min = np.fmin(boot_min, np.nanmin(chosen, axis=1))
                 boot_max = np.fmax(boot_max, np.nanmax(chosen, axis=1))
+    gap_samples = picked[high_code] - picked[low_code]
+    gap = {"value": None, "ci_low": None, "ci_high": None}
+    if high_code >= 0:
+        gap_point = point[high_code] - point[low_code]
+        if n_boot and bca:
+            accel = acceleration(s2[high_code] + s2[low_code], s3[high_code] - s3[low_code])
+            lo, hi = bca_columns(gap_samples[:, None], np.array([gap_point]), np.array([accel]))
+            gap = stamp(gap_point, lo[0], hi[0])
+        else:
+            gap = estimate(gap_point, gap_samples if n_boot else None)
     return {
         "point": point,
         "n": n,
@@ -178,6 +276,10 @@ def grouped_summary(
         "ci_high": high,
         "boot_min": boot_min,
         "boot_max": boot_max,
+        "worst": low_code,
+        "worst_samples": picked[low_code],
+        "gap": gap | {"high": high_code, "low": low_code if high_code >= 0 else -1},
+        "gap_samples": gap_samples,
     }
 
 

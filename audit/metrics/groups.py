@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from audit.metrics.bootstrap import estimate, grouped_summary, stamp, transposed
-from audit.metrics.performance import encode, ovr_differences, worst_first
+from audit.metrics.performance import encode, fairness_gaps, named_pair, worst_first
 
 INTERSECTION = " x "  # joins attribute names ("sex x age") and group names ("female x old")
 NO_GROUP = "(none)"  # the group of a row whose attribute cell is empty
@@ -84,23 +84,23 @@ def _entries(summary: dict, names: list[str], min_cell_size: int, **extra: list)
     }
 
 
-def _extreme(summary: dict, names: list[str], judged: np.ndarray, key: str, has_boot: bool):
-    """The lowest judged entry as an estimate whose interval is that of the per-resample minimum."""
-    points = np.where(judged, summary["point"], np.nan)
-    if not np.isfinite(points).any():
+def _extreme(summary: dict, names: list[str], key: str) -> dict[str, Any]:
+    """The lowest judged entry, with its own interval: one cell reads the same wherever it is shown."""
+    i = summary["worst"]
+    if i < 0:
         return estimate(None, None) | {key: None}
-    i = int(np.nanargmin(points))
-    return estimate(points[i], summary["boot_min"] if has_boot else None) | {key: names[i]}
+    return stamp(summary["point"][i], summary["ci_low"][i], summary["ci_high"][i]) | {key: names[i]}
 
 
-def _gap(summary: dict, names: list[str], judged: np.ndarray, has_boot: bool) -> dict:
-    """max - min of the judged entries' means, with the interval of the per-resample spread."""
-    points = np.where(judged, summary["point"], np.nan)
-    if np.isfinite(points).sum() < 2:
+def _gap(summary: dict, names: list[str]) -> dict[str, Any]:
+    """max - min of the judged entries' means, with the (BCa) interval of the difference between
+    these two named entries over the resamples, which holds its estimate (the resampled spread of
+    the max and the min does not: it is biased upwards where the groups are close)."""
+    gap = dict(summary["gap"])
+    high, low = gap.pop("high"), gap.pop("low")
+    if high < 0:
         return estimate(None, None) | {"high": None, "low": None}
-    high, low = int(np.nanargmax(points)), int(np.nanargmin(points))
-    boot = summary["boot_max"] - summary["boot_min"] if has_boot else None
-    return estimate(points[high] - points[low], boot) | {"high": names[high], "low": names[low]}
+    return gap | {"high": names[high], "low": names[low]}
 
 
 def _one(
@@ -113,7 +113,6 @@ def _one(
     weights_t: np.ndarray,
     min_cell_size: int,
 ) -> dict[str, Any]:
-    has_boot = weights_t.shape[1] > 0
     n_classes = len(classes)
     correct = (true_idx == pred_idx).astype(np.float64)
     group_idx, group_names = pd.factorize(labels, sort=True)
@@ -121,25 +120,20 @@ def _one(
     n_groups = len(group_names)
     sizes = np.bincount(group_idx, minlength=n_groups)
     judged = sizes >= min_cell_size
-    groups = grouped_summary(correct, group_idx, n_groups, weights_t, judged)
+    groups = grouped_summary(correct, group_idx, n_groups, weights_t, judged, bca=True)
     # class x group cells that hold images, in class order then group order
     cell_idx, cell_codes = pd.factorize(true_idx * n_groups + group_idx, sort=True)
     cell_codes = np.asarray(cell_codes)
     cell_class, cell_group = np.divmod(cell_codes, n_groups)
     cell_sizes = np.bincount(cell_idx, minlength=len(cell_codes))
     cell_judged = cell_sizes >= min_cell_size
-    cells = grouped_summary(correct, cell_idx, len(cell_codes), weights_t, cell_judged)
+    cells = grouped_summary(correct, cell_idx, len(cell_codes), weights_t, cell_judged, bca=True)
     cell_names = [
         f"{classes[c]} / {group_names[g]}" for c, g in zip(cell_class, cell_group, strict=True)
     ]
-    dp_point, eo_point = ovr_differences(
-        true_idx, pred_idx, group_idx, n_groups, n_classes, np.ones((len(correct), 1)), judged
-    )
-    dp_boot, eo_boot = ovr_differences(
-        true_idx, pred_idx, group_idx, n_groups, n_classes, weights_t, judged
-    )
-    worst_group = _extreme(groups, group_names, judged, "group", has_boot)
-    worst_cell = _extreme(cells, cell_names, cell_judged, "cell", has_boot)
+    dp, eo = fairness_gaps(true_idx, pred_idx, group_idx, (n_groups, n_classes), weights_t, judged)
+    worst_group = _extreme(groups, group_names, "group")
+    worst_cell = _extreme(cells, cell_names, "cell")
     if worst_cell["cell"] is not None:
         i = cell_names.index(worst_cell["cell"])
         worst_cell |= {"class": classes[cell_class[i]], "group": group_names[cell_group[i]]}
@@ -160,9 +154,9 @@ def _one(
         ),
         "worst_group_accuracy": worst_group,
         "worst_cell_accuracy": worst_cell,
-        "accuracy_gap": _gap(groups, group_names, judged, has_boot),
-        "demographic_parity_difference": estimate(dp_point[0], dp_boot if has_boot else None),
-        "equalized_odds_difference": estimate(eo_point[0], eo_boot if has_boot else None),
+        "accuracy_gap": _gap(groups, group_names),
+        "demographic_parity_difference": named_pair(dp, classes, group_names),
+        "equalized_odds_difference": named_pair(eo, classes, group_names),
         "fairness_method": (
             f"binary, positive label {classes[0]!r} (fairlearn's definitions)"
             if n_classes == 2
@@ -176,11 +170,11 @@ def _one(
     flip_column = next((c for c in (f"flipped:{attribute}", "flipped") if c in table.columns), None)
     if flip_column is not None:
         flipped = table[flip_column].to_numpy(dtype=np.float64)
-        flips = grouped_summary(flipped, group_idx, n_groups, weights_t, judged)
+        flips = grouped_summary(flipped, group_idx, n_groups, weights_t, judged, bca=True)
         block["flip_rate"] = {
             "column": flip_column,
             "per_group": _entries(flips, group_names, min_cell_size),
-            "gap": _gap(flips, group_names, judged, has_boot),
+            "gap": _gap(flips, group_names),
         }
     attention: dict[str, dict] = {}
     for column in (c for c in table.columns if c.startswith("share:")):
@@ -188,10 +182,10 @@ def _one(
         shares = table[column].to_numpy(dtype=np.float64)
         finite_n = np.bincount(group_idx, weights=np.isfinite(shares), minlength=n_groups)
         share_judged = finite_n >= max(min_cell_size, 1)
-        summary = grouped_summary(shares, group_idx, n_groups, weights_t, share_judged)
+        summary = grouped_summary(shares, group_idx, n_groups, weights_t, share_judged, bca=True)
         entry = attention.setdefault(method, {}).setdefault(region, {})
         entry["per_group"] = _entries(summary, group_names, min_cell_size)
-        entry["gap"] = _gap(summary, group_names, share_judged, has_boot)
+        entry["gap"] = _gap(summary, group_names)
     if attention:
         block["attention"] = attention
     gradcam = attention.get("gradcam", {}).get(PROTECTED)
@@ -254,7 +248,8 @@ def group_samples(
     """Headline figures of one attribute as (1 + B,) arrays: row 0 on the data, then one per resample.
 
     worst_cell_accuracy, accuracy_gap and attention_gap (Grad-CAM share on the protected union, if
-    the table has it), over cells/groups with at least `min_cell_size` images. Two models' arrays
+    the table has it), over cells/groups with at least `min_cell_size` images: the worst cell and
+    the gap's two groups are those named on the data, as `group_metrics` reports them. Two models' arrays
     taken with the same weights give paired differences (b - a) for the comparisons.
     """
     del attribute  # the caller's key; kept in the signature so calls read like group_metrics
@@ -271,8 +266,8 @@ def group_samples(
     cells = grouped_summary(correct, cell_idx, len(cell_codes), rows_t, cell_judged)
     groups = grouped_summary(correct, group_idx, n_groups, rows_t, judged)
     out = {
-        "worst_cell_accuracy": cells["boot_min"],
-        "accuracy_gap": _paired_gap(groups, judged),
+        "worst_cell_accuracy": cells["worst_samples"],
+        "accuracy_gap": groups["gap_samples"],
     }
     column = f"share:gradcam:{PROTECTED}"
     if column in table.columns:
@@ -280,13 +275,8 @@ def group_samples(
         finite_n = np.bincount(group_idx, weights=np.isfinite(shares), minlength=n_groups)
         share_judged = finite_n >= max(min_cell_size, 1)
         summary = grouped_summary(shares, group_idx, n_groups, rows_t, share_judged)
-        out["attention_gap"] = _paired_gap(summary, share_judged)
+        out["attention_gap"] = summary["gap_samples"]
     return out
-
-
-def _paired_gap(summary: dict, judged: np.ndarray) -> np.ndarray:
-    spread = summary["boot_max"] - summary["boot_min"]
-    return spread if judged.sum() >= 2 else np.full_like(spread, np.nan)
 
 
 def cell_rows(fairness: dict[str, dict[str, Any]]) -> pd.DataFrame:

@@ -42,11 +42,6 @@ def encode(values: np.ndarray, names: list[str], what: str = "label") -> np.ndar
     return codes
 
 
-def _spread(rates: np.ndarray) -> np.ndarray:
-    """max - min over the last axis, ignoring NaN (a group absent from a resample)."""
-    return nan_spread(rates, axis=-1)
-
-
 def ovr_differences(
     true_idx: np.ndarray,
     pred_idx: np.ndarray,
@@ -105,6 +100,88 @@ def ovr_differences(
 def _nanmax(values: np.ndarray) -> np.ndarray:
     finite = np.isfinite(values)
     return np.where(finite.any(axis=1), np.max(np.where(finite, values, -np.inf), axis=1), np.nan)
+
+
+def fairness_gaps(
+    true_idx: np.ndarray,
+    pred_idx: np.ndarray,
+    group_idx: np.ndarray,
+    shape: tuple[int, int],
+    weights_t: np.ndarray,
+    judged: np.ndarray | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Demographic parity and equalized odds differences as estimates with BCa intervals.
+
+    The points are those of `ovr_differences` (fairlearn's definitions; one-vs-rest and the largest
+    over classes beyond two). The interval is that of the difference between the two groups, of the
+    class (and, for equalized odds, the rate) that give the point on the data, over the resamples:
+    an interval that holds its estimate, which the resampled maximum over groups and classes (biased
+    upwards) does not. `shape` is (groups, classes). Each estimate carries `class`, `high`, `low`
+    (+ `rate` for equalized odds: "true positive rate" or "false positive rate"), None where fewer
+    than two groups are judged.
+    """
+    n_groups, n_classes = shape
+    judged = np.ones(n_groups, bool) if judged is None else np.asarray(judged, bool)
+    none = estimate(None, None) | {"class": None, "high": None, "low": None}
+    if judged.sum() < 2:
+        return none, none | {"rate": None}
+    true_idx, pred_idx = np.asarray(true_idx), np.asarray(pred_idx)
+    correct = (true_idx == pred_idx).astype(np.float64)
+
+    def table(index: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        flat = np.bincount(group_idx * n_classes + index, weights, n_groups * n_classes)
+        return flat.reshape(n_groups, n_classes)[:, : 1 if n_classes == 2 else n_classes]
+
+    size = np.bincount(group_idx, minlength=n_groups)[:, None].astype(np.float64)
+    selected, positive, true_pos = table(pred_idx), table(true_idx), table(true_idx, correct)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = {
+            "selection": selected / size,
+            "true positive rate": true_pos / positive,
+            "false positive rate": (selected - true_pos) / (size - positive),
+        }
+    rates = {k: np.where(judged[:, None], v, np.nan) for k, v in rates.items()}
+    spreads = {k: nan_spread(v, axis=0) for k, v in rates.items()}  # per class
+
+    def named(rate: str, k: int) -> dict[str, Any]:
+        column = rates[rate][:, k]
+        high, low = int(np.nanargmax(column)), int(np.nanargmin(column))
+        if high == low:  # equal rates: any other group with a rate
+            high = int(np.flatnonzero(np.isfinite(column) & (np.arange(n_groups) != low))[0])
+        values = {  # the per-image quantity whose group mean is the rate
+            "selection": pred_idx == k,
+            "true positive rate": np.where(true_idx == k, correct, np.nan),
+            "false positive rate": np.where(true_idx != k, pred_idx == k, np.nan),
+        }[rate]
+        pair = np.zeros(n_groups, bool)
+        pair[[high, low]] = True
+        gap = grouped_summary(values.astype(np.float64), group_idx, n_groups, weights_t, pair, True)
+        out = {key: gap["gap"][key] for key in ("value", "ci_low", "ci_high")}
+        return out | {"class": k, "high": high, "low": low}
+
+    if not np.isfinite(spreads["selection"]).any():
+        dp = none
+    else:
+        dp = named("selection", int(np.nanargmax(spreads["selection"])))
+    odds = np.fmax(spreads["true positive rate"], spreads["false positive rate"])
+    if not np.isfinite(odds).any():
+        eo = none | {"rate": None}
+    else:
+        k = int(np.nanargmax(odds))
+        tpr = spreads["true positive rate"][k]
+        rate = (
+            "true positive rate"
+            if tpr >= np.nan_to_num(spreads["false positive rate"][k], nan=-1)
+            else "false positive rate"
+        )
+        eo = named(rate, k) | {"rate": rate}
+    return dp, eo
+
+
+def named_pair(entry: dict[str, Any], classes: list[str], groups: list[str]) -> dict[str, Any]:
+    """A `fairness_gaps` estimate with its class and groups by name instead of by index."""
+    named = {"class": classes, "high": groups, "low": groups}
+    return entry | {k: None if entry[k] is None else v[entry[k]] for k, v in named.items()}
 
 
 def fairness_differences(
@@ -228,13 +305,13 @@ def performance(
     weights_t = transposed(weights)
     cell_idx = group_idx * n_classes + true_idx  # cells ordered class-major below
 
-    class_summary = grouped_summary(correct, true_idx, n_classes, weights_t)
+    class_summary = grouped_summary(correct, true_idx, n_classes, weights_t, bca=True)
     group_summary = grouped_summary(
-        correct, group_idx, n_groups, weights_t, judged=np.bincount(group_idx) >= min_cell_size
+        correct, group_idx, n_groups, weights_t, np.bincount(group_idx) >= min_cell_size, bca=True
     )
     cell_counts = np.bincount(cell_idx, minlength=n_groups * n_classes)
     cell_summary = grouped_summary(
-        correct, cell_idx, n_groups * n_classes, weights_t, judged=cell_counts >= min_cell_size
+        correct, cell_idx, n_groups * n_classes, weights_t, cell_counts >= min_cell_size, bca=True
     )
     # cells in class order, then group order, that hold at least one image
     order = np.arange(n_groups * n_classes).reshape(n_groups, n_classes).T.ravel()
@@ -250,29 +327,16 @@ def performance(
         | {"too_few": bool(cell_counts[c] < min_cell_size)}
         for name, c in zip(cell_names, present, strict=True)
     }
-    judged_cells = present[cell_counts[present] >= min_cell_size]
-    if judged_cells.size:
-        worst = judged_cells[np.nanargmin(cell_summary["point"][judged_cells])]
+    # The worst cell is reported with its own interval (the one its row of per_cell shows).
+    worst = cell_summary["worst"]
+    if worst >= 0:
         worst_name = f"{classes[worst % n_classes]} / {group_names[worst // n_classes]}"
-        worst_entry = estimate(
-            cell_summary["point"][worst], cell_summary["boot_min"] if len(weights) else None
-        )
+        worst_entry = {k: per_cell[worst_name][k] for k in ("value", "ci_low", "ci_high")}
     else:
         worst_name, worst_entry = None, estimate(None, None)
     judged_groups = np.bincount(group_idx, minlength=n_groups) >= min_cell_size
-    gap_point = _spread(group_summary["point"][judged_groups]) if judged_groups.sum() else np.nan
-    gap_boot = group_summary["boot_max"] - group_summary["boot_min"]
-    point_dp, point_eo = ovr_differences(
-        true_idx,
-        pred_idx,
-        group_idx,
-        n_groups,
-        n_classes,
-        np.ones((len(correct), 1)),
-        judged_groups,
-    )
-    boot_dp, boot_eo = ovr_differences(
-        true_idx, pred_idx, group_idx, n_groups, n_classes, weights_t, judged_groups
+    dp, eo = fairness_gaps(
+        true_idx, pred_idx, group_idx, (n_groups, n_classes), weights_t, judged_groups
     )
     counts = confusion_counts(true_idx, pred_idx, n_classes)
     per_class = _by(class_summary, classes, np.ones(n_classes, bool), min_cell_size)
@@ -290,15 +354,26 @@ def performance(
             "cell": worst_name,
             "skipped": int(((cell_counts > 0) & (cell_counts < min_cell_size)).sum()),
         },
-        "accuracy_gap": estimate(gap_point, gap_boot if len(weights) else None),
-        "demographic_parity_difference": estimate(point_dp[0], boot_dp if len(weights) else None),
-        "equalized_odds_difference": estimate(point_eo[0], boot_eo if len(weights) else None),
+        "accuracy_gap": _named_gap(group_summary, group_names),
+        "demographic_parity_difference": named_pair(dp, classes, group_names),
+        "equalized_odds_difference": named_pair(eo, classes, group_names),
         "fairness_method": _fairness_method(classes),
         "top_confusions": top_confusions(counts, classes, top_k),
     }
     if n_classes <= FULL_CONFUSION_MAX_CLASSES:
         out["confusion_matrix"] = {"labels": classes, "counts": counts.tolist()}
     return out
+
+
+def _named_gap(summary: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The highest minus the lowest judged mean, with the interval of that named pair's difference
+    (+ high, low: the two names, None with fewer than two judged entries)."""
+    gap = dict(summary["gap"])
+    high, low = gap.pop("high"), gap.pop("low")
+    return gap | {
+        "high": names[high] if high >= 0 else None,
+        "low": names[low] if low >= 0 else None,
+    }
 
 
 def _fairness_method(classes: list[str]) -> str:
@@ -317,12 +392,14 @@ def headline_samples(
 ) -> dict[str, np.ndarray]:
     """Accuracy, worst-group (cell) accuracy and group accuracy gap: row 0 the estimate on the data,
     then one row per resample of `weights`. Shared resamples make two models' differences paired.
-    Cells and groups with fewer than `min_cell_size` images are left out of the worst and the gap."""
+    The worst cell and the two groups of the gap are those named on the data (as `performance`
+    reports them); cells and groups with fewer than `min_cell_size` images are left out."""
     correct = np.asarray(correct, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64).reshape(-1, len(correct))
     rows_t = transposed(np.vstack([np.ones((1, len(correct))), weights]))
+    # Group-major, as `performance` numbers its cells: a tie for the worst cell names the same one.
     cell_keys = pd.MultiIndex.from_arrays(
-        [np.asarray(y_true).astype(str), np.asarray(groups).astype(str)]
+        [np.asarray(groups).astype(str), np.asarray(y_true).astype(str)]
     )
     cell_idx, cell_names = pd.factorize(cell_keys, sort=True)
     group_idx, group_names = pd.factorize(np.asarray(groups).astype(str), sort=True)
@@ -342,6 +419,6 @@ def headline_samples(
     )
     return {
         "accuracy": np.vstack([np.ones((1, len(correct))), weights]) @ correct / len(correct),
-        "worst_group_accuracy": cells["boot_min"],
-        "accuracy_gap": group["boot_max"] - group["boot_min"],
+        "worst_group_accuracy": cells["worst_samples"],
+        "accuracy_gap": group["gap_samples"],
     }

@@ -72,3 +72,49 @@ def points_html(estimate: dict[str, Any] | None) -> Markup:
     """`points` as two unbreakable pieces (the difference, then its interval)."""
     value, _, interval = points(estimate).partition(" [")
     return nowrap(value) + (Markup(" ") + nowrap("[" + interval) if interval else Markup(""))
+
+
+# -- units: shares and accuracies in percent, gaps and effects in points -------------------------
+def amount(estimate: dict[str, Any] | None, digits: int = 1) -> str:
+    """A gap or an effect in percentage points, unsigned: '4.0 pts [-1.0 to 7.0]' (its interval
+    may cross zero: the named groups may be the other way round)."""
+    if not estimate or estimate.get("value") is None:
+        return "n/a"
+    text = f"{_unsigned_zero(100 * estimate['value'], digits)} pts"
+    if estimate.get("ci_low") is not None:
+        low = _unsigned_zero(100 * estimate["ci_low"], digits)
+        high = _unsigned_zero(100 * estimate["ci_high"], digits)
+        text += f" [{low} to {high}]"
+    return text
+
+
+def _unsigned_zero(value: float, digits: int) -> str:
+    """`value` to `digits` decimals, without the sign of a value that rounds to zero ('-0.0')."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def amount_html(estimate: dict[str, Any] | None, digits: int = 1) -> Markup:
+    """`amount` as two unbreakable pieces (the figure, then its interval)."""
+    value, _, interval = amount(estimate, digits).partition(" [")
+    return nowrap(value) + (Markup(" ") + nowrap("[" + interval) if interval else Markup(""))
+
+
+def limit_text(threshold: float, unit: str) -> str:
+    """A gate's threshold as its unit writes it, with no more digits than it has: '85%', '5 pts'."""
+    digits = next(
+        (d for d in range(4) if abs(round(100 * threshold, d) - 100 * threshold) < 1e-9), 4
+    )
+    return f"{100 * threshold:.{digits}f}" + (" pts" if unit == "points" else "%")
+
+
+def digits_against(value: float | None, threshold: float, digits: int = 1) -> int:
+    """Digits enough to tell a failing value from the threshold it is judged against: '10.03%'
+    where 10.0% would read as the 10% limit it failed (at most 4; `digits` where even 4 do not
+    tell them apart, a difference of rounding noise)."""
+    if value is None or value == threshold:
+        return digits
+    for more in range(digits, 5):
+        if f"{100 * value:.{more}f}" != f"{100 * threshold:.{more}f}":
+            return more
+    return digits

@@ -27,7 +27,18 @@ from PIL import Image
 
 from audit.report import charts, sections
 from audit.report.discovery import discovery_context
-from audit.report.fmt import ci_html, nowrap, pct, points_html, share_text
+from audit.report.fmt import (
+    amount,
+    amount_html,
+    ci,
+    ci_html,
+    digits_against,
+    limit_text,
+    nowrap,
+    pct,
+    points_html,
+    share_text,
+)
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 PAIRS_SHOWN = 8  # counterfactual pairs shown per model (the runner draws up to 24)
@@ -87,6 +98,8 @@ def environment() -> Environment:
     env.filters["ci"] = ci_html
     env.filters["nw"] = nowrap
     env.filters["points"] = points_html
+    env.filters["gate_measured"] = gate_figure_html
+    env.filters["gate_limit"] = lambda gate: nowrap(f"{gate['op']} {_threshold_text(gate)}")
     return env
 
 
@@ -203,11 +216,43 @@ def _gate_facts(key: str) -> dict[str, Any]:
     return facts
 
 
+# Gates on a gap or an effect are read in percentage points; the others (shares, accuracies) in %.
+POINT_GATES = (
+    "max_accuracy_gap",
+    "max_attention_gap_between_groups",
+    "max_protected_occlusion_effect",
+)
+
+
+def gate_unit(gate: dict[str, Any]) -> str:
+    """'points' for a gate on a gap or an effect, 'percent' for one on a share or an accuracy."""
+    return "points" if gate["gate"] in POINT_GATES else "percent"
+
+
 def _threshold_text(gate: dict[str, Any], threshold: float | None = None) -> str:
     value = gate["threshold"] if threshold is None else threshold
-    if gate["gate"] == "max_accuracy_gap":
-        return f"{100 * value:.0f} points"
-    return pct(value)
+    return limit_text(value, gate_unit(gate))
+
+
+def gate_digits(gate: dict[str, Any]) -> int:
+    """1 decimal, more where a failing value would otherwise read as its own threshold."""
+    if gate_status(gate) != "fail":
+        return 1
+    return digits_against(gate.get("value"), gate["threshold"])
+
+
+def gate_figure(gate: dict[str, Any], interval: bool = True) -> str:
+    """A gate's measured value (with its interval) in the gate's unit, with digits enough to tell
+    a failing value from the threshold: the gates table and the gate sentences both use it."""
+    shown = gate if interval else {"value": gate.get("value")}
+    fmt = amount if gate_unit(gate) == "points" else ci
+    return fmt(shown, gate_digits(gate))
+
+
+def gate_figure_html(gate: dict[str, Any]) -> Markup:
+    """`gate_figure` as unbreakable pieces, for the gates table."""
+    fmt = amount_html if gate_unit(gate) == "points" else ci_html
+    return fmt(gate, gate_digits(gate))
 
 
 def gate_legend(gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -271,9 +316,12 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
     """One sentence about one gate of one model, with the measured figures."""
     key, value, passed = gate["gate"], gate.get("value"), gate["passed"]
     limit = nowrap(f"{'at least' if gate['op'] == '>=' else 'at most'} {_threshold_text(gate)}")
+    figure = nowrap(gate_figure(gate, interval=False))
     if gate_status(gate) == "not trusted":
         reason = str(gate.get("note") or "its explanation method failed the randomization test")
-        reason = reason.removeprefix("not trusted: ")
+        reason = reason.removeprefix("not trusted: ").strip() or (
+            "its explanation method failed the randomization test"
+        )
         return Markup("{} cannot be trusted, so the gate does not pass: {}.").format(
             gate["label"].capitalize(), reason.rstrip(".")
         )
@@ -299,7 +347,7 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
             else ""
         )
         return Markup("{}{} of its Grad-CAM falls on {}{} (limit: {}).").format(
-            lead, nowrap(share_text(value)), regions, covers, limit
+            lead, figure, regions, covers, limit
         )
     if key == "min_worst_group_accuracy":
         worst = (perf.get("worst_cell_accuracy") or perf.get("worst_group_accuracy") or {}).get(
@@ -314,20 +362,21 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
             if best and best != worst
             else ""
         )
+        measured = ci_html(gate, gate_digits(gate))
         if passed:
             return Markup(
                 "its weakest cell, {} images, is right {} of the time{} (limit: {} in every cell)."
-            ).format(_cell_words(worst), nowrap(share_text(value)), against, limit)
+            ).format(_cell_words(worst), measured, against, limit)
         return Markup(
             "it fails on {} images: right for {} of them{} (limit: {} in every cell)."
-        ).format(_cell_words(worst), nowrap(share_text(value)), against, limit)
+        ).format(_cell_words(worst), measured, against, limit)
     if key == "max_accuracy_gap":
         groups = perf.get("per_group", {})
         parts = ", ".join(
             f"{g} {share_text(e['value'])}" for g, e in groups.items() if e.get("value") is not None
         )
         return Markup("accuracy differs between groups by {} ({}; limit: {}).").format(
-            nowrap(f"{100 * value:.1f} points"), parts, limit
+            figure, parts, limit
         )
     if key == "max_flip_rate":
         cf = model.get("counterfactual", {})
@@ -340,7 +389,7 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
         return Markup(
             "{}changing only the protected attribute ({}) changes its prediction for {} of "
             "the images (limit: {})."
-        ).format(lead, how, nowrap(share_text(value)), limit)
+        ).format(lead, how, figure, limit)
     if key == "max_attention_gap_between_groups":
         gap = perf.get("attention_gap", {})
         between = (
@@ -349,22 +398,15 @@ def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, A
             else ""
         )
         return Markup("the share of its Grad-CAM on {} differs{} by {} (limit: {}).").format(
-            _region_words("protected", data), between, nowrap(f"{100 * value:.1f} points"), limit
+            _region_words("protected", data), between, figure, limit
         )
     if key == "max_protected_occlusion_effect":
         lead = "its decision uses the protected attribute's pixels: " if not passed else ""
         return Markup(
             "{}hiding {} (filled with the image's mean colour) lowers its confidence by {} more "
             "than hiding a patch of the same shape elsewhere (limit: {})."
-        ).format(
-            lead,
-            _region_words("protected", data),
-            nowrap(f"{100 * value:.1f} points"),
-            limit,
-        )
-    return Markup("{} is {} (limit: {}).").format(
-        gate["label"].capitalize(), nowrap(share_text(value)), limit
-    )
+        ).format(lead, _region_words("protected", data), figure, limit)
+    return Markup("{} is {} (limit: {}).").format(gate["label"].capitalize(), figure, limit)
 
 
 def attention_sentence(name: str, model: dict[str, Any], data: dict[str, Any]) -> Markup | None:
@@ -494,7 +536,9 @@ def decisions(
                 kinds.add(g["gate"])
                 chosen.append(g)
         why = [gate_sentence(g, model, data) for g in chosen[:2]]
-        why = [Markup(s[0].upper()) + s[1:] if s else s for s in why]
+        why = [Markup(s[0].upper()) + s[1:] for s in why if s]
+        if not why:  # never an empty reason
+            why = [Markup("No gate is configured for {}, so nothing was checked.").format(name)]
         # Images to look at first: the worst cell's mistakes, else the cell with the most.
         cells = mistakes.get(name, {})
         worst = model.get("performance", {}).get("worst_group_accuracy", {}).get("cell")
@@ -562,23 +606,41 @@ def decisions(
     return out
 
 
+def overview(metrics: dict[str, Any], page_one: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first lines of page one: every model's verdict, overall accuracy and gates passed, so
+    that all verdicts are on the first page however long each model's reasons run."""
+    rows = []
+    for d in page_one:
+        own = [g for g in metrics["gates"] if g["model"] == d["model"]]
+        accuracy = metrics["models"][d["model"]].get("performance", {}).get("accuracy")
+        rows.append(
+            {
+                "model": d["model"],
+                "verdict": "pass" if d["ship"] else "fail",
+                "accuracy": ci_html(accuracy, 1),
+                "gates": f"{sum(1 for g in own if g['passed'])} of {len(own)} gates pass"
+                if own
+                else "no gate configured",
+            }
+        )
+    return rows
+
+
 # -- tables and galleries -------------------------------------------------------------------------------
 def _perf_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The performance table: accuracies in percent, gaps and differences in points."""
     rows = []
-    for label, key, percent in [
-        ("Accuracy", "accuracy", True),
-        ("Worst-group accuracy", "worst_group_accuracy", True),
-        ("Accuracy gap between groups", "accuracy_gap", True),
-        ("Demographic parity difference", "demographic_parity_difference", False),
-        ("Equalized odds difference", "equalized_odds_difference", False),
+    for label, key, shown in [
+        ("Accuracy", "accuracy", ci_html),
+        ("Worst-group accuracy", "worst_group_accuracy", ci_html),
+        ("Accuracy gap between groups", "accuracy_gap", amount_html),
+        ("Demographic parity difference", "demographic_parity_difference", amount_html),
+        ("Equalized odds difference", "equalized_odds_difference", amount_html),
     ]:
         rows.append(
             {
                 "label": label,
-                "values": [
-                    ci_html(m["performance"][key], 1 if percent else 0, percent)
-                    for m in metrics["models"].values()
-                ],
+                "values": [shown(m["performance"][key], 1) for m in metrics["models"].values()],
             }
         )
     return rows
@@ -622,8 +684,11 @@ def _gallery(
                 )
         entry = cells.setdefault(cell, {"id": cell_ids.get(cell, ""), "items": []})
         entry["items"].append(item)
+    # Column headers name the methods as people write them ("Guided Grad-CAM"): a narrow phone
+    # column then breaks between words, never inside "guided_gradcam".
+    label = sections.method_name
     columns = [
-        f"{n} · {m}" + (f" ({warning})" if m in untrusted[n] else "")
+        f"{n} · {label(m)}" + (f" ({warning})" if m in untrusted[n] else "")
         for n in names
         for m in methods
     ]
@@ -669,7 +734,7 @@ def _gallery(
             "total": sum(c["n"] for c in model_cells),
         }
     mistake_columns = [
-        f"{m} · {'predicted' if t == 'pred' else 'true'} class"
+        f"{label(m)} · {'predicted' if t == 'pred' else 'true'} class"
         for m in methods
         for t in ("pred", "true")
     ]
@@ -945,6 +1010,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     mitigations = sections.mitigation_context(metrics, _svg_uri, model_colours)
     discovered = discovery_context(run_dir, metrics)
     numbered = section_list(trust is not None, mitigations is not None, discovered is not None)
+    page_one = decisions(metrics, mistakes, anchors)
     return {
         "title": config.get("title", "Bias audit"),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -953,7 +1019,8 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "group_colours": group_colours,
         "model_info": models,
         "verdicts": metrics["verdicts"],
-        "decisions": decisions(metrics, mistakes, anchors),
+        "decisions": page_one,
+        "overview": overview(metrics, page_one),
         "gates": gates,
         "gates_by_model": {n: [g for g in gates if g["model"] == n] for n in names},
         "gate_legend": gate_legend(gates),

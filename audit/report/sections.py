@@ -27,7 +27,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from audit.report import charts
-from audit.report.fmt import ci_html, nowrap, pct, points_html, signed_html
+from audit.report.fmt import amount_html, ci_html, nowrap, pct, points_html, signed_html
 
 WORST_CELLS_SHOWN = 8  # worst class x group cells per model across attributes and intersections
 WORST_CLASSES_SHOWN = 10  # classes per model, worst first, when there are more than two
@@ -91,6 +91,18 @@ def randomization_reason(entry: dict[str, Any]) -> str:
     )
 
 
+def trust_verdict(entry: dict[str, Any]) -> str:
+    """'trusted', 'use with care' or 'not trusted': what the two checks say together.
+
+    The randomization test is a sanity check (the maps depend on the model); deletion / insertion
+    a faithfulness check (the map's top pixels drive the decision). A method that passes the first
+    and fails the second shows the model, but not clearly what decides: use it with care."""
+    if not entry.get("trusted", (entry.get("randomization") or {}).get("passed")):
+        return "not trusted"
+    faith = entry.get("faithfulness") or {}
+    return "use with care" if faith and faith.get("faithful") is False else "trusted"
+
+
 def short_reason(entry: dict[str, Any]) -> str:
     """The verdict's reason in a few words, for the trust table."""
     test = entry.get("randomization") or {}
@@ -104,7 +116,12 @@ def short_reason(entry: dict[str, Any]) -> str:
     else:
         text = f"maps barely change with random weights (ρ {final:.2f} ≥ {limit})"
     faith = entry.get("faithfulness")
-    if faith:
+    if trust_verdict(entry) == "use with care":
+        text += (
+            "; does not clearly beat a random order: use with care (the maps show the model, "
+            "but not clearly what drives its decisions)"
+        )
+    elif faith:
         text += (
             "; beats a random order"
             if faith.get("faithful")
@@ -133,32 +150,35 @@ def untrusted_methods(model: dict[str, Any]) -> dict[str, str]:
 
 
 def trust_sentence(name: str, model: dict[str, Any]) -> Markup | None:
-    """One sentence for page one: which explanation methods can be believed for this model."""
+    """One sentence for page one: which explanation methods can be believed for this model, which
+    to use with care (sanity check passed, faithfulness not shown) and which not at all."""
     methods = trust_methods(model)
     if not methods:
         return None
-    good = [m for m, e in methods.items() if e.get("trusted")]
-    bad = [m for m in methods if m not in good]
+    verdicts = {m: trust_verdict(e) for m, e in methods.items()}
+    good = [m for m, v in verdicts.items() if v == "trusted"]
+    care = [m for m, v in verdicts.items() if v == "use with care"]
+    bad = [m for m, v in verdicts.items() if v == "not trusted"]
     parts = []
     if good:
-        faithful = [m for m in good if (methods[m].get("faithfulness") or {}).get("faithful")]
-        unfaithful = [m for m in good if m not in faithful]
-        text = Markup("{} can be believed (its maps depend on the weights").format(
-            " and ".join(method_name(m) for m in good)
-        )
-        if len(good) > 1:
-            text = Markup("{} can be believed (their maps depend on the weights").format(
-                " and ".join(method_name(m) for m in good)
+        names = " and ".join(method_name(m) for m in good)
+        faithful = all((methods[m].get("faithfulness") or {}).get("faithful") for m in good)
+        parts.append(
+            Markup("{} can be believed ({} maps depend on the weights{})").format(
+                names,
+                "their" if len(good) > 1 else "its",
+                "; deletion and insertion beat a random order" if faithful else "",
             )
-        if faithful and not unfaithful:
-            text += Markup("; deletion and insertion beat a random order)")
-        elif unfaithful:
-            text += Markup(
-                "; for {}, deletion and insertion do not clearly beat a random order)"
-            ).format(" and ".join(method_name(m) for m in unfaithful))
-        else:
-            text += Markup(")")
-        parts.append(text)
+        )
+    if care:
+        names = " and ".join(method_name(m) for m in care)
+        parts.append(
+            Markup(
+                "use {} with care: {} maps depend on the weights (the sanity check passes), but "
+                "deletion and insertion do not clearly beat a random order (faithfulness is not "
+                "shown)"
+            ).format(names, "their" if len(care) > 1 else "its")
+        )
     for m in bad:
         final = ((methods[m].get("randomization") or {}).get("final_spearman") or {}).get("value")
         why = (
@@ -252,6 +272,7 @@ def trust_context(
                     "deletion": _auc_cell(faith, "deletion"),
                     "insertion": _auc_cell(faith, "insertion"),
                     "trusted": trusted,
+                    "verdict": trust_verdict(entry),
                     "faithful": faith.get("faithful"),
                     "reason": randomization_reason(entry),
                     "short": short_reason(entry),
@@ -268,6 +289,7 @@ def trust_context(
                             "method": method_name(method),
                             "uri": uri,
                             "trusted": trusted,
+                            "verdict": trust_verdict(entry),
                             "caption": _strip_caption(method, test),
                         }
                     )
@@ -325,9 +347,9 @@ def occlusion_context(
                         "model": name,
                         "region": region_label(region, data),
                         "fill": fill,
-                        "effect": ci_html(overall.get("effect"), 1),
+                        "effect": amount_html(overall.get("effect"), 1),
                         "groups": [
-                            ci_html((per_group.get(g) or {}).get("effect"), 1) for g in groups
+                            amount_html((per_group.get(g) or {}).get("effect"), 1) for g in groups
                         ],
                         "flips": Markup("{} vs {}").format(
                             ci_html(overall.get("flip_rate")),
@@ -473,7 +495,7 @@ def attention_by_group(model: dict[str, Any]) -> list[dict[str, Any]]:
                     }
                     for g, e in groups.items()
                 ],
-                "gap": points_html(gap),
+                "gap": amount_html(gap),
                 "between": (
                     f"{gap['high']} − {gap['low']}" if gap.get("high") and gap.get("low") else ""
                 ),
@@ -611,6 +633,9 @@ MITIGATION_FIGURES = [
 ]
 
 
+# Figures that are effects (differences of probabilities): shown in points, the others in percent.
+EFFECTS = ("Occlusion effect, protected (mean fill)",)
+
 # The chart keeps the three figures the gates judge most directly; the table has them all.
 CHARTED = (
     "Worst-group accuracy",
@@ -668,7 +693,10 @@ def mitigation_context(
                 "model": n,
                 "mitigation": mitigation or PLAIN,
                 "params": ", ".join(f"{k} = {v}" for k, v in params.items()),
-                "values": [ci_html(_lookup(models[n], *path), 1) for _, path, _ in figures],
+                "values": [
+                    (amount_html if label in EFFECTS else ci_html)(_lookup(models[n], *path), 1)
+                    for label, path, _ in figures
+                ],
                 "verdict": verdicts.get(n, "fail"),
                 "gates": f"{sum(1 for g in own if g['passed'])} of {len(own)}",
             }
