@@ -18,6 +18,7 @@ average pooling, exactly its penultimate features).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from scipy.special import logsumexp
 from scipy.stats import binomtest
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
 MIN_PER_CLUSTER = 10  # a class with fewer images than 2x this is not clustered
@@ -67,7 +69,9 @@ def choose_clusters(
     n = len(points)
     best_labels, best_score = np.zeros(n, dtype=np.int64), min_silhouette
     for k in range(2, min(max_k, n // MIN_PER_CLUSTER) + 1):
-        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
+        with warnings.catch_warnings():  # duplicate maps (e.g. all zero): checked just below
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
         if np.unique(labels).size < k or np.bincount(labels).min() < 2:
             continue  # duplicate points: fewer distinct clusters than asked
         sample = None if n <= SILHOUETTE_SAMPLE else SILHOUETTE_SAMPLE
