@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 from PIL import Image
 
-from audit.report import charts, sections
+from audit.report import charts, sections, validity_view
 from audit.report.fmt import ci_html, nowrap, pct, points_html, share_text
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -948,7 +948,8 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "group_colours": group_colours,
         "model_info": models,
         "verdicts": metrics["verdicts"],
-        "decisions": decisions(metrics, mistakes, anchors),
+        "decisions": validity_view.amend_decisions(decisions(metrics, mistakes, anchors), metrics),
+        "validity": validity_view.validity_context(metrics),
         "gates": gates,
         "gates_by_model": {n: [g for g in gates if g["model"] == n] for n in names},
         "gate_legend": gate_legend(gates),
