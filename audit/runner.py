@@ -693,12 +693,15 @@ class Auditor:
                     extras[names[0]]["occlusion"], extras[other]["occlusion"], trust_weights
                 )
         metrics["gates"] = evaluate_gates(metrics, config.to_dict()["gates"])
-        self.add_validity(metrics, tables)
+        found = self.add_validity(metrics, tables)
         metrics["verdicts"] = verdicts(metrics["gates"], list(tables))
+        metrics["validity"] = found
         return _clean_nan(metrics)
 
-    def add_validity(self, metrics: dict[str, Any], tables: dict[str, pd.DataFrame]) -> None:
-        """Validity findings into metrics.json and run.log; gates changed by them (issue 24)."""
+    def add_validity(
+        self, metrics: dict[str, Any], tables: dict[str, pd.DataFrame]
+    ) -> dict[str, Any]:
+        """Validity findings (metrics.json's `validity`), logged; the gates they change (issue 24)."""
         for name, table in tables.items():
             shares = {c: table[c].to_numpy() for c in table if c.startswith("share:gradcam:")}
             self.probes[name] |= {
@@ -708,12 +711,12 @@ class Auditor:
             }
         findings = validity.validity_findings(metrics, self.probes, self.config.trust.enabled)
         metrics["gates"] = validity.apply_to_gates(metrics["gates"], findings)
-        metrics["validity"] = {
+        for line in validity.log_lines(findings):
+            self.log(line)
+        return {
             "findings": findings,
             "models": {n: validity.model_status(findings, n) for n in tables},
         }
-        for line in validity.log_lines(findings):
-            self.log(line)
 
     def validity_probe(self, spec: ModelConfig, model: nn.Module) -> dict[str, Any]:
         """The first BatchNorm's statistics on up to 64 frames spread over the split, and the
@@ -737,7 +740,7 @@ class Auditor:
                 None, model, prepared.source, self.config.data.image_size
             ).to_dict()
             where = f"{prepared.source.kind}'s own data config for {spec.arch}"
-        return {"norm_stats": stats, "own": own, "own_where": where}
+        return {"norm_stats": stats, "own": own, "own_where": where, "floor": spec.min_accuracy}
 
 
 def _recorded_preprocess(path: Path) -> dict[str, Any] | None:

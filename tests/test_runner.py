@@ -76,6 +76,7 @@ def test_run_folder_contents(small_run, small_dataset):
         "comparisons",
         "gates",
         "verdicts",
+        "validity",
     ]
     model = metrics["models"]["a"]
     assert {"performance", "attention", "counterfactual", "layer", "history"} <= set(model)

@@ -335,8 +335,9 @@ def check_occlusion_control(
                 "substitution",
                 f"no place for the occlusion control was free on {text}: those images are left "
                 "out of the occlusion effect",
-                "the occlusion gate is measured on fewer images than the trust sample",
-                gates=TRUST_GATES,
+                "the occlusion figures of those regions are measured on fewer images than the "
+                "trust sample",
+                gates=TRUST_GATES if "protected" in missing else (),
                 values={"no_control": missing},
             )
         )
@@ -447,7 +448,8 @@ def validity_findings(
     """Every finding of a run, models in order, from its metrics (models, data, gates) and per
     model the probe values: labels, predictions, norm_stats (norm_statistics or None), own (the
     model's own data config as Preprocess keys, or None), own_where (where it comes from) and
-    empty_maps (Grad-CAM maps all zero)."""
+    empty_maps (Grad-CAM maps all zero); optionally floor, the model's stated accuracy floor
+    (else `floor`)."""
     found: list[dict[str, Any] | None] = []
     regions = list(metrics["data"].get("regions") or [])
     for name, model in metrics["models"].items():
@@ -461,7 +463,8 @@ def validity_findings(
             )
         )
         accuracy = (model.get("performance") or {}).get("accuracy") or {}
-        found.append(check_too_weak(name, accuracy, chance_accuracy(labels), floor))
+        stated = probe.get("floor", floor)
+        found.append(check_too_weak(name, accuracy, chance_accuracy(labels), stated))
         found.append(check_counterfactuals(name, model.get("counterfactual")))
         found.extend(check_occlusion_control(name, model.get("trust"), regions))
         n_images = ((model.get("attention") or {}).get("gradcam") or {}).get("n_images")
