@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from audit.cli import main
+from audit.config import ConfigError, from_dict
 from audit.data.preprocess import resolve_preprocess
 from audit.metrics import validity as v
 from audit.metrics.gates import evaluate_gates, verdicts
@@ -302,3 +303,39 @@ def test_a_run_names_each_finding_in_metrics_the_log_and_the_report(small_datase
     occlusion = page[page.index("Occlusion: does the model use the region?") :]
     moved = next(f for f in findings if f["check"] == "occlusion_control_moved")
     assert moved["message"] in occlusion
+    # The same run with the trust checks switched off, as `audit check` and the report read it:
+    # the occlusion gate is skipped, not failed.
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["models"]["weak"]["trust"]
+    gates = evaluate_gates(metrics, json.loads((out / "config.json").read_text())["gates"])
+    metrics["validity"]["findings"] = [
+        f
+        for f in findings
+        if f["check"] not in ("occlusion_control_moved", "occlusion_control_missing")
+    ] + v.check_switched_off(["weak"], False, gates)
+    metrics["gates"] = v.apply_to_gates(gates, metrics["validity"]["findings"])
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    result = CliRunner().invoke(main, ["check", str(out)])
+    assert result.exit_code == 1  # the model's other gates do not pass
+    assert "SKIPPED weak: drop in confidence when the protected regions are hidden" in result.output
+    result = CliRunner().invoke(main, ["report", str(out), "--no-pdf"])
+    assert result.exit_code == 0, result.output
+    page = _text((out / "report.html").read_text())
+    assert "so the occlusion gate of weak is skipped, not failed" in page
+    assert "– SKIPPED" in page
+
+
+def test_min_accuracy_is_a_stated_floor():
+    with pytest.raises(ConfigError, match=r"model 'm': min_accuracy must be in \[0, 1\], got 1.5"):
+        from_dict({"model": [{"name": "m", "train_split": "t", "min_accuracy": 1.5}]})
+    assert from_dict({"model": [{"name": "m", "train_split": "t"}]}).model[0].min_accuracy is None
+    metrics = _weak_metrics()
+    for model in metrics["models"].values():
+        model["performance"]["accuracy"] = {"value": 0.9, "ci_low": 0.88, "ci_high": 0.92}
+    labels = np.array(["doctor", "nurse"] * 50)
+    probes = {"biased": {"labels": labels, "predictions": labels, "floor": 0.95}}
+    probes["fair"] = {"labels": labels, "predictions": labels}
+    findings = v.validity_findings(metrics, probes, trust_enabled=True)
+    assert [(f["model"], f["check"]) for f in findings] == [("biased", "too_weak")]
+    assert v.model_status(findings, "biased") == v.TOO_WEAK
+    assert v.model_status(findings, "fair") == "valid"

@@ -158,6 +158,7 @@ def check_norm_statistics(model: str, stats: Mapping[str, Any] | None) -> dict[s
         gates=ALL_GATES,
         values={"layer": stats["layer"], **found},
         gate_status=NOT_JUDGED,
+        short="its frames are not normalised as in training",
     )
 
 
@@ -186,6 +187,7 @@ def check_collapse(
         gates=ALL_GATES,
         values={"class": str(top), "share": float(share), "label_share": label_share},
         gate_status=NOT_JUDGED,
+        short=f"its predictions collapsed onto {str(top)!r}",
     )
 
 
@@ -277,6 +279,7 @@ def check_too_weak(
             "floor": floor,
         },
         gate_status=TOO_WEAK,
+        short=f"its accuracy does not clear {what.split(' (')[0]}",
     )
 
 
@@ -384,6 +387,7 @@ def check_switched_off(
                     "the verdict is made without the occlusion gate",
                     gates=keys,
                     gate_status=SKIPPED,
+                    short="[trust] enabled = false",
                 )
             )
     return out
@@ -409,7 +413,7 @@ def apply_to_gates(
             reason = next(f for f in concerns if f.get("gate_status") == status)
             row["status"] = status
             row["passed"] = status == SKIPPED
-            row["note"] = f"{status}: {reason['message']}"
+            row["note"] = f"{status}: {reason.get('short') or reason['message']} (see Validity)"
         notes = [f["message"] for f in concerns if f["severity"] in ("substitution", "warning")]
         if notes and status is None:
             row["note"] = "; ".join([*([row["note"]] if row.get("note") else []), *notes])

@@ -92,7 +92,7 @@ def amend_decisions(
         skipped = [f for f in own if f["severity"] == "skipped"]
         if skipped:
             entry["headline"] = entry["headline"] + Markup(" {}").format(
-                "; ".join(f["message"][0].upper() + f["message"][1:] + "." for f in skipped)
+                " ".join(f"The {f['message'].removeprefix('the ')}." for f in skipped)
             )
         if status.get(name) in INVALID:
             entry |= _not_judged(name, status[name], own)
@@ -121,7 +121,7 @@ def _not_judged(name: str, status: str, own: list[dict[str, Any]]) -> dict[str, 
             'Fix what <a href="#validity">Validity</a> names for {} (its [model.preprocess] '
             "table first), then re-run this audit."
         ).format(name)
-    why = [Markup("{}.").format(f["message"][0].upper() + f["message"][1:]) for f in invalid]
+    why = [Markup("{}.").format(f["message"]) for f in invalid]
     return {
         "ship": False,
         "headline": headline,
