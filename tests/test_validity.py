@@ -339,3 +339,15 @@ def test_min_accuracy_is_a_stated_floor():
     assert [(f["model"], f["check"]) for f in findings] == [("biased", "too_weak")]
     assert v.model_status(findings, "biased") == v.TOO_WEAK
     assert v.model_status(findings, "fair") == "valid"
+
+
+def test_a_run_without_validity_findings_renders_as_before():
+    metrics = _metrics(protected_share=0.5, area=0.1, worst=0.3, flips=0.2)
+    metrics["gates"] = evaluate_gates(metrics, None)
+    metrics["verdicts"] = verdicts(metrics["gates"], list(metrics["models"]))
+    context = validity_context(metrics)  # a run of an earlier version: no `validity` block
+    assert not context["recorded"] and context["rows"] == [] and context["invalid"] == []
+    before = decisions(metrics, {}, {})
+    assert amend_decisions(before, metrics) == before
+    metrics["validity"] = {"findings": [], "models": {n: "valid" for n in metrics["models"]}}
+    assert validity_context(metrics)["recorded"] and amend_decisions(before, metrics) == before
