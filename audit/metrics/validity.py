@@ -236,6 +236,7 @@ def check_frame(
         f"{where}, remove those keys from [model.preprocess] and re-run",
         gates=ALL_GATES,
         values={k: {"audit": a, "own": b} for k, (a, b) in differs.items()},
+        short=f"frame differs from its own data config ({', '.join(differs)})",
     )
 
 
@@ -302,6 +303,7 @@ def check_counterfactuals(model: str, counterfactual: Mapping[str, Any] | None) 
         "changed group",
         gates=("max_flip_rate",),
         values={"n": n, "from_twins": twins, "mean_fill": n - twins},
+        short=f"{n - twins} of {n} counterfactuals are mean-colour fills, not twins",
     )
 
 
@@ -326,6 +328,7 @@ def check_occlusion_control(
                 "the occlusion effect compares the protected regions with a control that can "
                 "cover the person: add a `box:person` or `mask:person` column to the manifest",
                 gates=TRUST_GATES,
+                short="the control may land on the person (no `person` region)",
             )
         )
     missing = {r: int(n) for r, n in (occlusion.get("no_control") or {}).items() if n}
@@ -342,6 +345,7 @@ def check_occlusion_control(
                 "trust sample",
                 gates=TRUST_GATES if "protected" in missing else (),
                 values={"no_control": missing},
+                short=f"no control on {missing.get('protected', 0)} images, left out",
             )
         )
     return out
@@ -362,6 +366,7 @@ def check_maps_left_out(
         "the attention gates are measured over the images with a non-zero map only",
         gates=ATTENTION_GATES if method == "gradcam" else (),
         values={"method": method, "n_images": n_images, "left_out": n_empty},
+        short=f"{n_empty} of {n_images} maps all zero, left out",
     )
 
 
@@ -414,11 +419,12 @@ def apply_to_gates(
             row["status"] = status
             row["passed"] = status == SKIPPED
             row["note"] = f"{status}: {reason.get('short') or reason['message']} (see Validity)"
-        notes = [f["message"] for f in concerns if f["severity"] in ("substitution", "warning")]
-        if notes and status is None:
-            row["note"] = "; ".join([*([row["note"]] if row.get("note") else []), *notes])
-        if notes:
-            row["substitutions"] = notes
+        named = [f for f in concerns if f["severity"] in ("substitution", "warning")]
+        if named and status is None:
+            short = "; ".join(f.get("short") or f["message"] for f in named) + " (see Validity)"
+            row["note"] = "; ".join([*([row["note"]] if row.get("note") else []), short])
+        if named:
+            row["substitutions"] = [f["message"] for f in named]
         out.append(row)
     return out
 
