@@ -392,7 +392,7 @@ def check_switched_off(
                     "the verdict is made without the occlusion gate",
                     gates=keys,
                     gate_status=SKIPPED,
-                    short="[trust] enabled = false",
+                    short="trust checks off: the occlusion gate is skipped",
                 )
             )
     return out

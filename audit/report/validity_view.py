@@ -58,8 +58,16 @@ def validity_context(metrics: dict[str, Any]) -> dict[str, Any]:
         figure = FIGURE_OF.get(f["check"])
         if figure and f.get("model"):
             notes.setdefault(f["model"], {}).setdefault(figure, []).append(f["message"])
+    summary: dict[str, dict[str, Any]] = {}
+    for f in findings or []:
+        entry = summary.setdefault(
+            f.get("model") or "all models",
+            {"status": status.get(f.get("model"), "valid"), "items": []},
+        )
+        entry["items"].append(f.get("short") or f["message"])
     return {
         "recorded": findings is not None,
+        "summary": summary,
         "rows": rows,
         "status": status,
         "notes": notes,
