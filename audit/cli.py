@@ -431,6 +431,7 @@ def demo(out: Path, data_dir: Path, seed: int, **how: Any) -> None:
 def check(run_dir: Path, junit: Path | None) -> None:
     """Re-apply the gates to a finished run: exit 0 if all pass, 1 if one fails, 2 on bad input."""
     from audit.metrics.gates import evaluate_gates
+    from audit.metrics.validity import STATUS_ORDER, apply_to_gates
     from audit.report.junit import write_junit
 
     if not run_dir.exists():
@@ -441,6 +442,7 @@ def check(run_dir: Path, junit: Path | None) -> None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         config = json.loads((run_dir / "config.json").read_text())
         rows = evaluate_gates(metrics, config.get("gates", {}))
+        rows = apply_to_gates(rows, (metrics.get("validity") or {}).get("findings") or [])
     except FileNotFoundError as error:
         raise BadInput(
             f"{run_dir} is not a finished audit run: {Path(error.filename).name} is missing"
@@ -451,6 +453,7 @@ def check(run_dir: Path, junit: Path | None) -> None:
     for row in rows:
         value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
         status = "PASS" if row["passed"] else "FAIL"
+        status = row["status"].upper() if row.get("status") in STATUS_ORDER else status
         source = " (default)" if row.get("source") == "default" else ""
         click.echo(
             f"{status} {row['model']}: {row['label']} = {value} "

@@ -23,6 +23,7 @@ layer = ""                    # explained layer; "" = the last conv feature map
 epochs = 10
 batch_size = 64
 lr = 0.003
+min_accuracy = 0.6            # optional: "too weak to judge" unless its accuracy's CI clears this (default: chance)
 [model.kwargs]                # passed to the timm / torchvision / python: factory, e.g. img_size = 96
 [model.preprocess]            # unset keys: the source's own (timm, hf:), else squash, no normalisation
 resize = 64                   # int: shorter side; or [h, w]
@@ -107,6 +108,8 @@ class ModelConfig:
     init: str = ""  # training starts from: "" (random), a state dict PATH, or "pretrained"
     kwargs: dict = field(default_factory=dict)  # passed to timm / torchvision / python: factories
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Below this accuracy (the 95% CI's lower end) the model is "too weak to judge"; None: chance.
+    min_accuracy: float | None = None
     # Training with a mitigation (audit.models.mitigations): none | group_balanced | group_dro |
     # jtt | right_reasons | attention_penalty, and their hyperparameters (defaults chosen on the
     # doctor/nurse val split; where each comes from: MitigationConfig's docstring, whose defaults
@@ -313,6 +316,10 @@ def check(config: AuditConfig) -> None:
             )
         if model.epochs < 1 or model.batch_size < 1 or model.lr <= 0:
             raise ConfigError(f"model {model.name!r}: epochs, batch_size and lr must be positive")
+        if model.min_accuracy is not None and not 0.0 <= model.min_accuracy <= 1.0:
+            raise ConfigError(
+                f"model {model.name!r}: min_accuracy must be in [0, 1], got {model.min_accuracy}"
+            )
         if model.init and not model.train_split:
             raise ConfigError(
                 f"model {model.name!r}: init sets the starting weights of training; give train_split"

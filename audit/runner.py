@@ -34,9 +34,10 @@ from tqdm import tqdm
 from audit import __version__
 from audit.config import AuditConfig, ModelConfig
 from audit.data.manifest import Manifest, one_valued, read_manifest, unseen_classes
-from audit.data.preprocess import Preprocess
+from audit.data.preprocess import Preprocess, resolve_preprocess
 from audit.explain.errors import LayerError
 from audit.explain.layers import resolve_layer
+from audit.metrics import validity
 from audit.metrics.aggregate import groups_of
 from audit.metrics.bootstrap import resample_weights
 from audit.metrics.gates import evaluate_gates, verdicts
@@ -649,6 +650,7 @@ class Auditor:
         except LayerError as error:  # the engine refuses the layer's output (not a map or tokens)
             raise AuditError(f"model {spec.name!r}: {error}") from None
         self._lap(f"{spec.name}: map of {len(rows)} images")
+        self.probes[spec.name] = self.validity_probe(spec, model)
         table = self.sample_table(spec, rows)
         info["bad_images"] = int((~rows["ok"].to_numpy(bool)).sum())
         if info["bad_images"]:
@@ -752,6 +754,7 @@ class Auditor:
         infos: dict[str, dict[str, Any]] = {}
         extras: dict[str, dict[str, Any]] = {}
         self.trust_positions = trust_sample(len(self.eval_rows), config.trust, config.seed)
+        self.probes: dict[str, dict[str, Any]] = {}
         for spec in config.model:
             tables[spec.name], infos[spec.name], extras[spec.name] = self.audit_model(spec, gallery)
         images = set.intersection(*(set(t["image"] + "\0" + t["split"]) for t in tables.values()))
@@ -817,8 +820,65 @@ class Auditor:
                     extras[names[0]]["occlusion"], extras[other]["occlusion"], trust_weights
                 )
         metrics["gates"] = evaluate_gates(metrics, config.to_dict()["gates"])
+        found = self.add_validity(metrics, tables)
         metrics["verdicts"] = verdicts(metrics["gates"], list(tables))
+        metrics["validity"] = found
         return _clean_nan(metrics)
+
+    def add_validity(
+        self, metrics: dict[str, Any], tables: dict[str, pd.DataFrame]
+    ) -> dict[str, Any]:
+        """Validity findings (metrics.json's `validity`), logged; the gates they change (issue 24)."""
+        for name, table in tables.items():
+            shares = {c: table[c].to_numpy() for c in table if c.startswith("share:gradcam:")}
+            self.probes[name] |= {
+                "labels": table["label"].to_numpy(),
+                "predictions": table["prediction"].to_numpy(),
+                "empty_maps": validity.empty_maps(shares),
+            }
+        findings = validity.validity_findings(metrics, self.probes, self.config.trust.enabled)
+        metrics["gates"] = validity.apply_to_gates(metrics["gates"], findings)
+        for line in validity.log_lines(findings):
+            self.log(line)
+        return {
+            "findings": findings,
+            "models": {n: validity.model_status(findings, n) for n in tables},
+        }
+
+    def validity_probe(self, spec: ModelConfig, model: nn.Module) -> dict[str, Any]:
+        """The first BatchNorm's statistics on up to 64 frames spread over the split, and the
+        model's own data config (its checkpoint's record, else the timm / hf source's)."""
+        n = len(self.eval_rows)
+        positions = np.unique(np.linspace(0, n - 1, min(n, 64)).astype(int)) if n else []
+        dataset = self.dataset(spec, self.eval_rows)
+        stats = None
+        if len(positions):
+            batch = default_collate([dataset[int(i)] for i in positions])
+            stats = validity.norm_statistics(model, float_pixels(batch["image"]).to(self.device))
+        prepared = self.prepared[spec.name]
+        own, where = None, ""
+        recorded = (
+            _recorded_preprocess(self.config.resolve(spec.checkpoint)) if spec.checkpoint else None
+        )
+        if recorded:
+            own, where = recorded, f"the preprocessing recorded in {spec.checkpoint}"
+        elif prepared.source.kind in ("timm", "hf") and not spec.train_split:
+            own = resolve_preprocess(
+                None, model, prepared.source, self.config.data.image_size
+            ).to_dict()
+            where = f"{prepared.source.kind}'s own data config for {spec.arch}"
+        return {"norm_stats": stats, "own": own, "own_where": where, "floor": spec.min_accuracy}
+
+
+def _recorded_preprocess(path: Path) -> dict[str, Any] | None:
+    """The preprocessing a checkpoint written by this tool records (`meta.preprocess`), or None."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - safetensors, TorchScript or another format: no record
+        return None
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    recorded = meta.get("preprocess") if isinstance(meta, dict) else None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def software_versions() -> dict[str, str]:
@@ -935,6 +995,8 @@ def _run_locked(config: AuditConfig, out: Path, auditor: Auditor) -> Path:
             _write_json(work / "metrics.json", metrics)
             for gate in metrics["gates"]:
                 status = "PASS" if gate["passed"] else "FAIL"
+                if gate.get("status") in (*validity.STATUS_ORDER, "not trusted"):
+                    status = gate["status"].upper()
                 value = "n/a" if gate["value"] is None else f"{gate['value']:.3f}"
                 log(
                     f"gate {status}: {gate['model']}: {gate['label']} {value} "

@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 from PIL import Image
 
-from audit.report import charts, sections
+from audit.report import charts, sections, validity_view
 from audit.report.discovery import discovery_context
 from audit.report.fmt import (
     amount,
@@ -1010,7 +1010,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     mitigations = sections.mitigation_context(metrics, _svg_uri, model_colours)
     discovered = discovery_context(run_dir, metrics)
     numbered = section_list(trust is not None, mitigations is not None, discovered is not None)
-    page_one = decisions(metrics, mistakes, anchors)
+    page_one = validity_view.amend_decisions(decisions(metrics, mistakes, anchors), metrics)
     return {
         "title": config.get("title", "Bias audit"),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -1021,6 +1021,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "verdicts": metrics["verdicts"],
         "decisions": page_one,
         "overview": overview(metrics, page_one),
+        "validity": validity_view.validity_context(metrics),
         "gates": gates,
         "gates_by_model": {n: [g for g in gates if g["model"] == n] for n in names},
         "gate_legend": gate_legend(gates),
