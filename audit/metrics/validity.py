@@ -112,6 +112,19 @@ TRUST_GATES = ("max_protected_occlusion_effect",)
 NOT_JUDGED = "not judged"  # gate status where the model was not measured as it works
 TOO_WEAK = "too weak to judge"  # gate status of a model whose accuracy is not above chance
 SKIPPED = "skipped"  # gate status of a check switched off
+# Gates that need region masks, and gates that need a group column, to be measured at all.
+MASK_GATES = (
+    "max_protected_attention",
+    "max_attention_gap_between_groups",
+    "max_protected_occlusion_effect",
+    "max_flip_rate",
+)
+GROUP_GATES = (
+    "min_worst_group_accuracy",
+    "max_accuracy_gap",
+    "max_attention_gap_between_groups",
+    "max_flip_rate",
+)
 
 
 def finding(
@@ -398,6 +411,44 @@ def check_switched_off(
     return out
 
 
+def check_unannotated(
+    models: Sequence[str], gates: Sequence[Mapping[str, Any]], data: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Gates the data set cannot measure (no region masks, no group column): skipped, not failed,
+    each named with the annotation it lacks."""
+    lacking = []
+    if not data.get("regions"):
+        lacking.append(("region masks (mask: or box: columns)", MASK_GATES))
+    if not [g for g in data.get("groups") or [] if g != "(none)"]:
+        lacking.append(("group columns", GROUP_GATES))
+    out = []
+    for model in models:
+        for what, keys in lacking:
+            unmeasured = sorted(
+                {
+                    g["gate"]
+                    for g in gates
+                    if g["model"] == model and g["gate"] in keys and g.get("value") is None
+                }
+            )
+            if unmeasured:
+                out.append(
+                    finding(
+                        "check_unannotated",
+                        model,
+                        "skipped",
+                        f"the data set has no {what}, so {', '.join(unmeasured)} cannot be "
+                        f"measured for {model}: skipped, not failed",
+                        "the verdict is made without these gates; slices and strategies found "
+                        "from the model stand in for the missing annotations",
+                        gates=unmeasured,
+                        gate_status=SKIPPED,
+                        short=f"no {what.split(' (')[0]} in the data set: skipped",
+                    )
+                )
+    return out
+
+
 # -- what the findings change --------------------------------------------------------------------
 STATUS_ORDER = (SKIPPED, NOT_JUDGED, TOO_WEAK)  # the first that applies sets a gate's status
 
@@ -481,4 +532,5 @@ def validity_findings(
         if n_images:
             found.append(check_maps_left_out(name, "gradcam", n_images, probe.get("empty_maps", 0)))
     found.extend(check_switched_off(list(metrics["models"]), trust_enabled, metrics["gates"]))
+    found.extend(check_unannotated(list(metrics["models"]), metrics["gates"], metrics["data"]))
     return [f for f in found if f is not None]

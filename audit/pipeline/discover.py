@@ -126,7 +126,10 @@ def _discover(
     correct = data.rows["correct"].to_numpy(bool)
     n = len(data.rows)
     if "embedding" not in data.rows or n == 0:
-        note = "no embeddings were kept by the map (the model's layer gives no feature map)"
+        note = (
+            "the map kept no features of this model: its explained layer gives no feature map "
+            "(name one with the [[model]] key `layer`)"
+        )
         return {"skipped": note}, {}
     embeddings = np.stack(data.rows["embedding"].to_numpy()).astype(np.float32)
     heat = np.stack(data.rows["heat"].to_numpy()).astype(np.float32)

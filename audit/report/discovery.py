@@ -63,7 +63,7 @@ def _finding(run_dir: Path, model: str, entry: dict[str, Any], kind: str) -> dic
         "class": entry["class"],
         "size": entry["size"],
         "accuracy": ci_html(entry["accuracy"], 1),
-        "gap": None if gap is None else f"{gap * 100:+.1f} points",
+        "gap": None if gap is None else f"{gap * 100:+.1f} pts",
         "match": _match_text(entry.get("matches") or []),
         "regions": ", ".join(
             f"{region} {pct(share)}" for region, share in (entry.get("region_shares") or {}).items()
@@ -102,6 +102,7 @@ def discovery_context(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] 
             "method": block["method"],
             "slices": [_finding(run_dir, name, s, "slice") for s in slices[:FINDINGS_SHOWN]],
             "slices_more": max(0, len(slices) - FINDINGS_SHOWN),
+            "too_small": block.get("classes_too_small") or [],
             "strategies": [
                 _finding(run_dir, name, s, "strategy")
                 for s in block["strategies"][: FINDINGS_SHOWN * 2]
