@@ -997,10 +997,13 @@ def _run_locked(config: AuditConfig, out: Path, auditor: Auditor) -> Path:
                 status = "PASS" if gate["passed"] else "FAIL"
                 if gate.get("status") in (*validity.STATUS_ORDER, "not trusted"):
                     status = gate["status"].upper()
-                value = "n/a" if gate["value"] is None else f"{gate['value']:.3f}"
+                from audit.report.render import gate_figure, threshold_text
+
+                # The report's units: percent for shares and accuracies, points for gaps.
+                value = gate_figure(gate, interval=False)
                 log(
                     f"gate {status}: {gate['model']}: {gate['label']} {value} "
-                    f"(must be {gate['op']} {gate['threshold']})"
+                    f"(must be {gate['op']} {threshold_text(gate)})"
                 )
             run_info = {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

@@ -99,7 +99,7 @@ def environment() -> Environment:
     env.filters["nw"] = nowrap
     env.filters["points"] = points_html
     env.filters["gate_measured"] = gate_figure_html
-    env.filters["gate_limit"] = lambda gate: nowrap(f"{gate['op']} {_threshold_text(gate)}")
+    env.filters["gate_limit"] = lambda gate: nowrap(f"{gate['op']} {threshold_text(gate)}")
     return env
 
 
@@ -229,7 +229,7 @@ def gate_unit(gate: dict[str, Any]) -> str:
     return "points" if gate["gate"] in POINT_GATES else "percent"
 
 
-def _threshold_text(gate: dict[str, Any], threshold: float | None = None) -> str:
+def threshold_text(gate: dict[str, Any], threshold: float | None = None) -> str:
     value = gate["threshold"] if threshold is None else threshold
     return limit_text(value, gate_unit(gate))
 
@@ -271,13 +271,13 @@ def gate_legend(gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
         source = gate.get("source")
         if source is None and default is not None:  # runs of earlier versions record no source
             source = "default" if abs(gate["threshold"] - default) < 1e-12 else "config"
-        limit = f"{gate['op']} {_threshold_text(gate)}"
+        limit = f"{gate['op']} {threshold_text(gate)}"
         if source == "default":
             origin = f"{limit}, the default. {why}"
         elif default is not None:
             origin = (
                 f"{limit}, set in the run's config (the default is "
-                f"{gate['op']} {_threshold_text(gate, default)}). {why}"
+                f"{gate['op']} {threshold_text(gate, default)}). {why}"
             )
         else:
             origin = f"{limit}, set in the run's config."
@@ -315,7 +315,7 @@ def _severity(gate: dict[str, Any]) -> float:
 def gate_sentence(gate: dict[str, Any], model: dict[str, Any], data: dict[str, Any]) -> Markup:
     """One sentence about one gate of one model, with the measured figures."""
     key, value, passed = gate["gate"], gate.get("value"), gate["passed"]
-    limit = nowrap(f"{'at least' if gate['op'] == '>=' else 'at most'} {_threshold_text(gate)}")
+    limit = nowrap(f"{'at least' if gate['op'] == '>=' else 'at most'} {threshold_text(gate)}")
     figure = nowrap(gate_figure(gate, interval=False))
     if gate_status(gate) == "not trusted":
         reason = str(gate.get("note") or "its explanation method failed the randomization test")
