@@ -176,6 +176,12 @@ def _check_eval_split(
         )
     candidates = attributes or manifest.attributes
     left_out = one_valued(evaluated, {a: manifest.group_column(a) for a in candidates})
+    if all(not values for values in left_out.values()) and len(left_out) == len(candidates):
+        log(
+            "data: no group column has a value in the eval split: no group figures or gates; "
+            "slices and strategies found from the model stand in for the missing annotations"
+        )
+        return [], left_out
     for attribute, values in left_out.items():
         has = f"only the value {values[0]!r}" if values else "no value"
         log(
