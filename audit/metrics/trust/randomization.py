@@ -64,6 +64,7 @@ class CascadeResult:
     strip: dict[str, list[Tensor]] = field(default_factory=dict)
     figure_index: int = 0
     original: dict[str, Tensor] = field(default_factory=dict)  # (N, H, W) |maps| before any step
+    cascade_steps: int = 0  # steps of the whole cascade (`layers` names the measured ones)
 
 
 def _owns_parameters(module: nn.Module) -> bool:
@@ -179,6 +180,7 @@ def randomization_cascade(
     modules = dict(randomized.named_modules())
     layers = [s for i, (s, _) in enumerate(steps) if i in measured]
     result = CascadeResult(methods, layers, targets, figure_index=figure_index, original=original)
+    result.cascade_steps = len(steps)
     for method in methods:
         result.strip[method] = [
             normalize_maps(original[method][figure_index : figure_index + 1])[0]
@@ -220,6 +222,7 @@ def merge_cascades(parts: Sequence[CascadeResult]) -> CascadeResult:
         ssim={m: torch.cat([p.ssim[m] for p in parts], dim=1) for m in first.methods},
         strip=first.strip,
         figure_index=first.figure_index,
+        cascade_steps=first.cascade_steps,
     )
 
 
@@ -254,6 +257,7 @@ def randomization_summary(
         "threshold": float(threshold),
         "passed": None if final["value"] is None else bool(final["value"] < threshold),
         "n_images": int(rho.shape[1]),
+        "cascade_steps": result.cascade_steps or len(result.layers),
         "undefined_final": int((~np.isfinite(rho[-1])).sum()),
     }
 
