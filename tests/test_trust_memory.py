@@ -40,8 +40,8 @@ class Made(torch.utils.data.Dataset):
                 "present": torch.ones(len(REGIONS), dtype=torch.bool), "index": i, "label": i % 2}
 
 def trust(n, folder):
-    config = TrustConfig(samples=n, faithfulness_samples=n, randomization_samples=n, steps=4,
-                         cascade_cuts=2, occlusion_fills=["mean"], batch_size=32)
+    config = TrustConfig(samples=n, faithfulness_samples=n, randomization_samples=n, steps=2,
+                         cascade_cuts=1, occlusion_fills=["mean"], batch_size=32)
     spec = MapSpec(layer="features", regions=REGIONS, unions={"protected": REGIONS}, batch_size=32)
     positions = np.arange(n)
     return run_trust("m", model, spec, Made(), positions, np.array(["g"] * n),
@@ -68,7 +68,7 @@ def peak_of(n: int) -> dict:
         text=True,
         env=env,
         check=False,
-        timeout=900,
+        timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
