@@ -106,6 +106,8 @@ def _check_batch(
             cuts=config.cascade_cuts,
             original=({m: h[:n_random] for m, h in heats.items()}, targets[:n_random]),
         )
+        if start > 0:
+            out["randomization"].strip = {}  # the figure is the first image's: keep numbers only
     if n_faith:
         out["faithfulness"] = deletion_insertion(
             model,

@@ -63,7 +63,6 @@ class CascadeResult:
     ssim: dict[str, Tensor] = field(default_factory=dict)
     strip: dict[str, list[Tensor]] = field(default_factory=dict)
     figure_index: int = 0
-    original: dict[str, Tensor] = field(default_factory=dict)  # (N, H, W) |maps| before any step
     cascade_steps: int = 0  # steps of the whole cascade (`layers` names the measured ones)
 
 
@@ -179,7 +178,7 @@ def randomization_cascade(
     randomized = copy.deepcopy(model).eval()
     modules = dict(randomized.named_modules())
     layers = [s for i, (s, _) in enumerate(steps) if i in measured]
-    result = CascadeResult(methods, layers, targets, figure_index=figure_index, original=original)
+    result = CascadeResult(methods, layers, targets, figure_index=figure_index)
     result.cascade_steps = len(steps)
     for method in methods:
         result.strip[method] = [
@@ -208,7 +207,7 @@ def randomization_cascade(
 
 def merge_cascades(parts: Sequence[CascadeResult]) -> CascadeResult:
     """One result for the images of consecutive calls, in order: the per-image similarities and
-    targets concatenated; the strip of the first part (its `figure_index`), no maps kept."""
+    targets concatenated; the strip of the first part (its `figure_index`)."""
     if not parts:
         raise ValueError("no cascade results to merge")
     first = parts[0]
