@@ -13,7 +13,7 @@ deletion_baseline = "zero"        # what deleted pixels become: "zero" (black), 
 blur_sigma = 5.0                  # pixels; the blurred image insertion starts from and "blur" fills
 occlusion_fills = ["mean", "blur"]  # region occlusion: the image's mean colour, its blurred self
 cascade = "block"                 # randomization step: "block" (a layer and its norm) or "module"
-batch_size = 32                   # images per pass (at most explain.batch_size); memory, not time
+batch_size = 32                   # images explained per pass (at most explain.batch_size)
 ```
 
 The default sample sizes are chosen for cost (docs/benchmarks.md has the measured figures);
