@@ -9,9 +9,8 @@ per-image occlusion columns into samples.csv, and the randomization strip of one
 overlays/trust/.
 
 The sample streams through in batches of `[trust] batch_size` (at most `[explain] batch_size`):
-the explanation passes (with their backward) take that many images at once, the forwards of the
-perturbed images (inference only, lighter than the map's Grad-CAM passes) `[explain] batch_size`;
-each batch is explained once (those maps serve randomization and deletion / insertion), then
+explanation passes and the forwards of perturbed images alike (perturbed images 126 at a time
+raised a resnet18's peak at 224 px from 2.0 to 2.6 GiB, over the map's 1.96); each batch is explained once (those maps serve randomization and deletion / insertion), then
 randomized, perturbed and occluded, and only per-image numbers are kept, so the stage's memory is
 that of one batch whatever the sample sizes. The random draws of deletion / insertion (tie-breaks,
 the random order) and of the occlusion controls are seeded per batch from the seed and the batch's
@@ -119,7 +118,7 @@ def _check_batch(
             baseline=config.deletion_baseline,
             blur_sigma=config.blur_sigma,
             seed=batch_seed(seed, start),
-            batch_size=spec.batch_size,  # forwards only: at most what the map's passes hold
+            batch_size=size,
             targets=targets[:n_faith],
         )
     regions, present = spec.region_tensors(batch, device)
@@ -131,7 +130,7 @@ def _check_batch(
         fills=config.occlusion_fills,
         blur_sigma=config.blur_sigma,
         seed=batch_seed(seed, start),
-        batch_size=spec.batch_size,
+        batch_size=size,
         avoid=batch["regions"].to(device).any(dim=1),
     )
     return out
