@@ -36,8 +36,9 @@ from audit.metrics.trust import (
     spearman_rows,
     ssim_rows,
 )
-from audit.metrics.trust.faithfulness import random_permutations, ranks_of
-from audit.metrics.trust.occlusion import overlap_by_offset, roll_masks
+from audit.metrics.trust.faithfulness import merge_curves, random_permutations, ranks_of
+from audit.metrics.trust.occlusion import merge_occlusion, overlap_by_offset, roll_masks
+from audit.metrics.trust.randomization import cut_steps, merge_cascades
 from audit.models.zoo import SmallCNN
 
 SIZE = 32
@@ -569,3 +570,78 @@ def test_bad_config_is_one_line_naming_the_key(changes: dict, key: str) -> None:
         config.check()
     message = str(error.value)
     assert message.startswith(key + " ") and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Cut points and streaming: batches merged give what the whole sample gives
+
+
+def test_cut_steps_are_evenly_spaced_and_end_at_the_last_step() -> None:
+    assert cut_steps(21, 5) == [4, 8, 12, 16, 20]  # ceil(21 k / 5) - 1, k = 1..5
+    assert cut_steps(5, 2) == [2, 4]
+    assert cut_steps(3, 1) == [2]
+    assert cut_steps(3, 3) == cut_steps(3, 10) == cut_steps(3, None) == [0, 1, 2]
+
+
+def test_cut_points_measure_the_full_cascade_at_those_steps(trained) -> None:
+    """With cuts the cascade randomizes every step but measures some: the same values as the
+    full cascade's rows at those steps (computed independently, every step measured)."""
+    model, images = trained
+    images = images[:12]
+    full = randomization_cascade(model, images, ["gradcam"], layer=LAYER, cascade="module", seed=5)
+    cut = randomization_cascade(
+        model, images, ["gradcam"], layer=LAYER, cascade="module", seed=5, cuts=2
+    )
+    rows = cut_steps(len(full.layers), 2)
+    assert len(full.layers) == 5 and rows == [2, 4]
+    assert cut.layers == [full.layers[i] for i in rows]
+    torch.testing.assert_close(cut.spearman["gradcam"], full.spearman["gradcam"][rows])
+    torch.testing.assert_close(cut.ssim["gradcam"], full.ssim["gradcam"][rows])
+    assert len(cut.strip["gradcam"]) == 3  # the original map and one per measured step
+
+
+def test_cascades_of_batches_merge_into_the_whole_samples(trained) -> None:
+    model, images = trained
+    whole = randomization_cascade(model, images, ["gradcam", "guided_gradcam"], layer=LAYER)
+    parts = [
+        randomization_cascade(model, images[a:b], ["gradcam", "guided_gradcam"], layer=LAYER)
+        for a, b in ((0, 10), (10, 24))
+    ]
+    merged = merge_cascades(parts)
+    assert merged.layers == whole.layers and torch.equal(merged.targets, whole.targets)
+    for method in ("gradcam", "guided_gradcam"):
+        torch.testing.assert_close(merged.spearman[method], whole.spearman[method])
+        torch.testing.assert_close(merged.ssim[method], whole.ssim[method])
+    with pytest.raises(ValueError, match="different steps"):
+        merge_cascades([parts[0], randomization_cascade(model, images[:2], ["gradcam"], cuts=1)])
+
+
+def test_curves_and_occlusion_of_batches_merge(trained) -> None:
+    """Merging keeps each batch's per-image values in order; the mean curves are over all."""
+    model, images = trained
+    maps = {"gradcam": explain(model, images, "gradcam", layer=LAYER)}
+    parts = [
+        deletion_insertion(model, images[a:b], {"gradcam": maps["gradcam"][a:b]}, steps=4, seed=a)
+        for a, b in ((0, 10), (10, 24))
+    ]
+    merged = merge_curves(parts)
+    for key, curve in merged["curves"].items():
+        np.testing.assert_array_equal(curve, np.concatenate([p["curves"][key] for p in parts]))
+        np.testing.assert_allclose(merged["mean_curves"][key], curve.mean(axis=0))
+        np.testing.assert_allclose(merged["auc"][key], np.trapezoid(curve, merged["fractions"]))
+    regions = {"left": torch.zeros(24, SIZE, SIZE, dtype=torch.bool)}
+    regions["left"][:, :, :8] = True
+    present = {"left": torch.arange(24) % 3 > 0}
+    occ = [
+        region_occlusion(
+            model, images[a:b], {"left": regions["left"][a:b]}, {"left": present["left"][a:b]}
+        )
+        for a, b in ((0, 10), (10, 24))
+    ]
+    joined = merge_occlusion(occ)
+    assert joined["no_control"]["left"] == sum(p["no_control"]["left"] for p in occ)
+    np.testing.assert_array_equal(
+        joined["regions"]["left"]["mean"]["effect"],
+        np.concatenate([p["regions"]["left"]["mean"]["effect"] for p in occ]),
+    )
+    assert joined["control_offsets"]["left"].shape == (24, 2)

@@ -73,7 +73,7 @@ def randomization_reason(entry: dict[str, Any]) -> str:
     test = entry.get("randomization") or {}
     final = (test.get("final_spearman") or {}).get("value")
     threshold = test.get("threshold")
-    steps = len(test.get("steps") or [])
+    steps = test.get("cascade_steps") or len(test.get("steps") or [])
     limit = f" (a pass needs below {threshold:.2f})" if threshold is not None else ""
     after = f"after all {steps} randomization steps" if steps else "after the full cascade"
     if final is None:
@@ -316,6 +316,10 @@ def trust_context(
         "curves": curves,
         "n_images": {n: models[n]["trust"].get("n_images") for n in names},
         "n_faithfulness": {n: models[n]["trust"].get("n_faithfulness_images") for n in names},
+        "n_randomization": {
+            n: models[n]["trust"].get("n_randomization_images", models[n]["trust"].get("n_images"))
+            for n in names
+        },
         "occlusion": occlusion_context(metrics, svg_uri, model_colours),
         "not_trusted": {n: untrusted_methods(models[n]) for n in names},
         "region_words": region_words("protected", data),

@@ -3,16 +3,23 @@
 ```toml
 [trust]
 enabled = true                    # false: no trust checks
-samples = 256                     # seeded sample of the evaluation split the checks run on
-faithfulness_samples = 64         # the first of those that deletion / insertion runs on (costly)
+samples = 64                      # seeded sample of the evaluation split; occlusion runs on all
+faithfulness_samples = 16         # the first of those that deletion / insertion runs on (costly)
+randomization_samples = 32        # the first of those that the randomization test runs on
+cascade_cuts = 4                  # maps measured after this many evenly spaced cascade steps
 max_randomized_correlation = 0.5  # a method passes when its Spearman after the full cascade is below
-steps = 20                        # deletion/insertion steps (20 = 5% of the pixels per step)
+steps = 10                        # deletion/insertion steps (10 = 10% of the pixels per step)
 deletion_baseline = "zero"        # what deleted pixels become: "zero" (black), "blur" or "mean"
 blur_sigma = 5.0                  # pixels; the blurred image insertion starts from and "blur" fills
 occlusion_fills = ["mean", "blur"]  # region occlusion: the image's mean colour, its blurred self
 cascade = "block"                 # randomization step: "block" (a layer and its norm) or "module"
-batch_size = 256                  # images per forward pass of the perturbation checks
+batch_size = 32                   # images explained per pass (at most explain.batch_size)
 ```
+
+The default sample sizes are chosen for cost (docs/benchmarks.md has the measured figures);
+raise them for tighter intervals.
+The checks stream: each batch of the sample is explained, randomized, perturbed and occluded,
+and only a few numbers per image are kept, so memory does not grow with the sample sizes.
 """
 
 from __future__ import annotations
@@ -38,15 +45,17 @@ class TrustConfig:
     """Settings of the trust checks; `check()` raises one line naming the first bad key."""
 
     enabled: bool = True
-    samples: int = 256
-    faithfulness_samples: int = 64
+    samples: int = 64
+    faithfulness_samples: int = 16
+    randomization_samples: int = 32
+    cascade_cuts: int = 4
     max_randomized_correlation: float = 0.5
-    steps: int = 20
+    steps: int = 10
     deletion_baseline: str = "zero"
     blur_sigma: float = 5.0
     occlusion_fills: list[str] = field(default_factory=lambda: list(OCCLUSION_FILLS))
     cascade: str = "block"
-    batch_size: int = 256
+    batch_size: int = 32
 
     def check(self) -> None:
         """Raise ConfigError (a ValueError) naming the key, e.g. `trust.samples must be > 0, got 0`."""
@@ -56,7 +65,14 @@ class TrustConfig:
 
         if not isinstance(self.enabled, bool):
             fail("enabled", "true or false")
-        for key in ("samples", "faithfulness_samples", "steps", "batch_size"):
+        for key in (
+            "samples",
+            "faithfulness_samples",
+            "randomization_samples",
+            "cascade_cuts",
+            "steps",
+            "batch_size",
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 fail(key, "an integer > 0")

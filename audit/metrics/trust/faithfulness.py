@@ -26,7 +26,7 @@ images through the model for M methods (N = 256, 20 steps, one method: 20,224).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -173,6 +173,24 @@ def deletion_insertion(
         "curves": {k: v.numpy() for k, v in curves.items()},
         "auc": {k: v.numpy() for k, v in auc.items()},
         "mean_curves": {k: v.mean(dim=0).numpy() for k, v in curves.items()},
+    }
+
+
+def merge_curves(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One `deletion_insertion` result for the images of consecutive calls (same steps), in order:
+    curves and AUCs concatenated, the mean curves over all images."""
+    if not parts:
+        raise ValueError("no deletion / insertion results to merge")
+    fractions = parts[0]["fractions"]
+    if any(not np.array_equal(p["fractions"], fractions) for p in parts):
+        raise ValueError("deletion / insertion results of different steps cannot be merged")
+    curves = {k: np.concatenate([p["curves"][k] for p in parts]) for k in parts[0]["curves"]}
+    return {
+        "fractions": fractions,
+        "targets": np.concatenate([p["targets"] for p in parts]),
+        "curves": curves,
+        "auc": {k: np.concatenate([p["auc"][k] for p in parts]) for k in curves},
+        "mean_curves": {k: v.mean(axis=0) for k, v in curves.items()},
     }
 
 

@@ -19,7 +19,7 @@ control_drop, flipped / control_flipped (0/1). An image that lacks the region ge
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,33 @@ def region_occlusion(
     out["targets"] = targets.cpu().numpy()
     out["probability"] = p.cpu().numpy()
     return out
+
+
+def merge_occlusion(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One `region_occlusion` result for the images of consecutive calls, in order: per-image
+    values concatenated, the `no_control` counts summed."""
+    if not parts:
+        raise ValueError("no occlusion results to merge")
+    first = parts[0]
+    return {
+        "targets": np.concatenate([p["targets"] for p in parts]),
+        "probability": np.concatenate([p["probability"] for p in parts]),
+        "no_control": {r: sum(int(p["no_control"][r]) for p in parts) for r in first["no_control"]},
+        "control_offsets": {
+            r: np.concatenate([p["control_offsets"][r] for p in parts])
+            for r in first["control_offsets"]
+        },
+        "regions": {
+            region: {
+                fill: {
+                    k: np.concatenate([p["regions"][region][fill][k] for p in parts])
+                    for k in columns
+                }
+                for fill, columns in by_fill.items()
+            }
+            for region, by_fill in first["regions"].items()
+        },
+    }
 
 
 def occlusion_columns(result: Mapping[str, Any]) -> dict[str, np.ndarray]:

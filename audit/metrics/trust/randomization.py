@@ -20,11 +20,20 @@ statistics reset) under `torch.manual_seed(seed + 1)`, the convention of Quantus
 `torch.random.fork_rng` so that the caller's random state is untouched; a module without
 `reset_parameters` gets N(0, 0.02) weights. The original model is never modified (its mode is
 restored too).
+
+Cut points (`cuts`): the cascade still randomizes every step in turn, but the maps are recomputed
+only after `cuts` evenly spaced steps, the last (every parameter random) always among them: the
+randomization itself costs next to nothing, each measured step costs one explanation pass. The
+verdict is read at the last step, so it does not depend on `cuts`.
+
+Memory: one call holds the maps of the images it is given; `merge_cascades` joins the per-image
+numbers of calls on consecutive batches (the audit streams its sample through in batches).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +63,7 @@ class CascadeResult:
     ssim: dict[str, Tensor] = field(default_factory=dict)
     strip: dict[str, list[Tensor]] = field(default_factory=dict)
     figure_index: int = 0
+    cascade_steps: int = 0  # steps of the whole cascade (`layers` names the measured ones)
 
 
 def _owns_parameters(module: nn.Module) -> bool:
@@ -77,6 +87,16 @@ def cascade_steps(model: nn.Module, cascade: str = "block") -> list[tuple[str, l
     return [("+".join(g) or "(root)", g) for g in reversed(groups)]
 
 
+def cut_steps(n_steps: int, cuts: int | None) -> list[int]:
+    """Indices of the steps after which the maps are measured: `cuts` evenly spaced over the
+    cascade, the last step always included (None, or cuts >= n_steps: every step)."""
+    if cuts is None or cuts >= n_steps:
+        return list(range(n_steps))
+    if cuts < 1:
+        raise ValueError(f"cuts must be >= 1, got {cuts}")
+    return sorted({math.ceil((i + 1) * n_steps / cuts) - 1 for i in range(cuts)})
+
+
 def randomize_module(module: nn.Module, seed: int) -> None:
     """Re-initialise one module's own parameters in place (see the module docstring)."""
     param = next(module.parameters(recurse=False))
@@ -88,6 +108,19 @@ def randomize_module(module: nn.Module, seed: int) -> None:
         else:
             for p in module.parameters(recurse=False):
                 p.normal_(0.0, 0.02)
+
+
+def absolute_maps(
+    model: nn.Module,
+    images: Tensor,
+    methods: Sequence[str],
+    layer: str | None,
+    batch_size: int,
+    output: OutputSelector | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """|maps| (N, H, W) of each method for the predicted classes, and those classes: what the
+    cascade compares against (and what deletion / insertion ranks the pixels by)."""
+    return _heats(model, images, methods, None, layer, batch_size, output)
 
 
 def _heats(
@@ -123,6 +156,8 @@ def randomization_cascade(
     batch_size: int = 256,
     figure_index: int = 0,
     output: OutputSelector | None = None,
+    cuts: int | None = None,
+    original: tuple[dict[str, Tensor], Tensor] | None = None,
 ) -> CascadeResult:
     """Run the cascade for all `methods` at once (one explain pass per step serves every method).
 
@@ -134,12 +169,17 @@ def randomization_cascade(
         raise ValueError(f"figure_index {figure_index} out of range for {len(images)} images")
     steps = cascade_steps(model, cascade)
     needs_layer = any(m in CAM_METHODS or m == "guided_gradcam" for m in methods)
+    measured = set(cut_steps(len(steps), cuts))
     with eval_mode(model):
         name = resolve_layer(model, layer, images[:1])[0] if needs_layer else None
-        original, targets = _heats(model, images, methods, None, name, batch_size, output)
+        if original is None:
+            original = _heats(model, images, methods, None, name, batch_size, output)
+    original, targets = original
     randomized = copy.deepcopy(model).eval()
     modules = dict(randomized.named_modules())
-    result = CascadeResult(methods, [s for s, _ in steps], targets, figure_index=figure_index)
+    layers = [s for i, (s, _) in enumerate(steps) if i in measured]
+    result = CascadeResult(methods, layers, targets, figure_index=figure_index)
+    result.cascade_steps = len(steps)
     for method in methods:
         result.strip[method] = [
             normalize_maps(original[method][figure_index : figure_index + 1])[0]
@@ -147,9 +187,11 @@ def randomization_cascade(
     spearman: dict[str, list[Tensor]] = {m: [] for m in methods}
     ssim: dict[str, list[Tensor]] = {m: [] for m in methods}
     normalised = {m: normalize_maps(original[m]) for m in methods}
-    for _step, names in steps:
+    for index, (_step, names) in enumerate(steps):
         for module_name in names:
             randomize_module(modules[module_name], seed)
+        if index not in measured:
+            continue
         maps, _ = _heats(randomized, images, methods, targets, name, batch_size, output)
         for method in methods:
             spearman[method].append(spearman_rows(original[method], maps[method]))
@@ -161,6 +203,26 @@ def randomization_cascade(
     result.ssim = {m: torch.stack(v).cpu() for m, v in ssim.items()}
     result.strip = {m: [t.cpu() for t in v] for m, v in result.strip.items()}
     return result
+
+
+def merge_cascades(parts: Sequence[CascadeResult]) -> CascadeResult:
+    """One result for the images of consecutive calls, in order: the per-image similarities and
+    targets concatenated; the strip of the first part (its `figure_index`)."""
+    if not parts:
+        raise ValueError("no cascade results to merge")
+    first = parts[0]
+    if any(p.layers != first.layers or p.methods != first.methods for p in parts):
+        raise ValueError("cascade results of different steps or methods cannot be merged")
+    return CascadeResult(
+        first.methods,
+        list(first.layers),
+        torch.cat([p.targets.cpu() for p in parts]),
+        spearman={m: torch.cat([p.spearman[m] for p in parts], dim=1) for m in first.methods},
+        ssim={m: torch.cat([p.ssim[m] for p in parts], dim=1) for m in first.methods},
+        strip=first.strip,
+        figure_index=first.figure_index,
+        cascade_steps=first.cascade_steps,
+    )
 
 
 def randomization_summary(
@@ -194,6 +256,7 @@ def randomization_summary(
         "threshold": float(threshold),
         "passed": None if final["value"] is None else bool(final["value"] < threshold),
         "n_images": int(rho.shape[1]),
+        "cascade_steps": result.cascade_steps or len(result.layers),
         "undefined_final": int((~np.isfinite(rho[-1])).sum()),
     }
 
@@ -211,6 +274,7 @@ def randomization_test(
     batch_size: int = 256,
     figure_index: int = 0,
     output: OutputSelector | None = None,
+    cuts: int | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[Tensor]]]:
     """The whole test: ({method: summary dict}, {method: [original map, after step 1, ...]})."""
     result = randomization_cascade(
@@ -223,6 +287,7 @@ def randomization_test(
         batch_size=batch_size,
         figure_index=figure_index,
         output=output,
+        cuts=cuts,
     )
     weights = resample_weights(len(images), n_boot, seed)
     summaries = {m: randomization_summary(result, m, threshold, weights) for m in result.methods}

@@ -1,0 +1,128 @@
+"""The streamed trust stage gives what the checks give when called directly on the whole sample
+(randomization) or on each batch with its seed (deletion / insertion, occlusion)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from audit.explain import explain
+from audit.metrics.trust import (
+    TrustConfig,
+    deletion_insertion,
+    randomization_test,
+    region_occlusion,
+)
+from audit.models.zoo import SmallCNN
+from audit.pipeline.map import MapSpec
+from audit.pipeline.trust_stage import batch_seed, run_trust
+
+SIZE = 32
+REGIONS = ["hair", "face"]
+METHODS = ["gradcam", "guided_gradcam"]
+
+
+class Made(torch.utils.data.Dataset):
+    """Seeded noise images with two fixed regions (the second absent from every third image)."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(100 + int(i))
+        masks = torch.zeros(len(REGIONS), SIZE, SIZE, dtype=torch.bool)
+        masks[0, 2:10, 4:20] = True
+        masks[1, 12:22, 8:24] = True
+        present = torch.tensor([True, i % 3 != 0])
+        image = torch.rand((3, SIZE, SIZE), generator=g)
+        return {"image": image, "regions": masks, "present": present, "index": i, "label": i % 2}
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    torch.manual_seed(0)
+    model = SmallCNN(2).eval()
+    config = TrustConfig(
+        samples=20,
+        randomization_samples=12,
+        faithfulness_samples=6,
+        steps=4,
+        cascade_cuts=2,
+        occlusion_fills=["mean"],
+        batch_size=8,
+    )
+    spec = MapSpec(layer="features", regions=REGIONS, unions={}, batch_size=64)
+    positions = np.arange(20)
+    folder = tmp_path_factory.mktemp("trust")
+    out = run_trust(
+        "m",
+        model,
+        spec,
+        Made(),
+        positions,
+        np.array(["a", "b"] * 10),
+        np.array(["x"] * 20),
+        METHODS,
+        config,
+        50,
+        0,
+        folder,
+        torch.device("cpu"),
+    )
+    images = torch.stack([Made()[i]["image"] for i in range(20)])
+    return model, images, out, folder
+
+
+def test_randomization_is_that_of_the_whole_prefix(streamed) -> None:
+    model, images, (block, _, _), folder = streamed
+    assert (block["n_images"], block["n_randomization_images"]) == (20, 12)
+    direct, _ = randomization_test(
+        model, images[:12], METHODS, n_boot=50, seed=0, layer="features", cuts=2
+    )
+    for method in METHODS:
+        ours = block["methods"][method]["randomization"]
+        assert [s["layer"] for s in ours["steps"]] == [s["layer"] for s in direct[method]["steps"]]
+        assert ours["cascade_steps"] == 5 and len(ours["steps"]) == 2
+        for key in ("value", "ci_low", "ci_high"):
+            assert ours["final_spearman"][key] == pytest.approx(
+                direct[method]["final_spearman"][key], abs=1e-9
+            )
+        assert (folder / "trust" / "m" / f"{method}.png").exists()
+
+
+def test_faithfulness_and_occlusion_are_those_of_each_batch(streamed) -> None:
+    model, images, (block, columns, occlusion), _ = streamed
+    maps = {m: explain(model, images[:6], m, layer="features") for m in METHODS}
+    curves = deletion_insertion(model, images[:6], maps, steps=4, seed=batch_seed(0, 0))
+    for method in METHODS:
+        ours = block["methods"][method]["faithfulness"]
+        for curve in ("deletion", "insertion"):
+            assert ours[f"{curve}_auc"]["value"] == pytest.approx(
+                float(curves["auc"][f"{method}/{curve}"].mean()), abs=1e-6
+            )
+            assert ours[f"{curve}_auc"]["n"] == 6
+    batches = [(0, 8), (8, 16), (16, 20)]
+    masks = torch.stack([Made()[i]["regions"] for i in range(20)])
+    present = torch.stack([Made()[i]["present"] for i in range(20)])
+    for a, b in batches:
+        direct = region_occlusion(
+            model,
+            images[a:b],
+            {r: masks[a:b, i] for i, r in enumerate(REGIONS)},
+            {r: present[a:b, i] for i, r in enumerate(REGIONS)},
+            fills=["mean"],
+            seed=batch_seed(0, a),
+            avoid=masks[a:b].any(dim=1),
+        )
+        for region in REGIONS:
+            np.testing.assert_allclose(
+                columns[f"occlusion_effect:mean:{region}"][a:b],
+                direct["regions"][region]["mean"]["effect"],
+                atol=1e-9,
+            )
+            np.testing.assert_array_equal(
+                occlusion["control_offsets"][region][a:b], direct["control_offsets"][region]
+            )
+    assert np.isnan(columns["occlusion_effect:mean:face"][::3]).all()  # absent: no value
+    assert len(columns["occlusion_drop:mean:hair"]) == 20
