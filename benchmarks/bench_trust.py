@@ -44,7 +44,7 @@ from bench_scale import run_measured, stage_at  # noqa: E402
 
 from audit.data.doctor_nurse import DoctorNurseSpec, generate  # noqa: E402
 from audit.models.io import save_checkpoint  # noqa: E402
-from audit.models.zoo import build_model  # noqa: E402
+from audit.models.sources import build_model  # noqa: E402
 
 
 def write_config(
