@@ -822,6 +822,8 @@ class Auditor:
                 len(self.trust_positions), config.bootstrap, config.seed + TRUST_SEED_OFFSET
             )
             for entry, other in zip(metrics["comparisons"], names[1:], strict=True):
+                if extras[names[0]]["occlusion"] is None:  # no regions to occlude
+                    continue
                 entry["occlusion_difference"] = occlusion_difference(
                     extras[names[0]]["occlusion"], extras[other]["occlusion"], trust_weights
                 )

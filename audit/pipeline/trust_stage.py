@@ -121,6 +121,8 @@ def _check_batch(
             batch_size=size,
             targets=targets[:n_faith],
         )
+    if "regions" not in batch:  # a labels-only data set: no region to occlude
+        return out
     regions, present = spec.region_tensors(batch, device)
     out["occlusion"] = region_occlusion(
         model,
@@ -181,7 +183,7 @@ def run_trust(
     curves = merge_curves(parts["faithfulness"])
     faith_weights = resample_weights(k_faith, n_boot, seed + TRUST_SEED_OFFSET + 1)
     faithfulness = {m: faithfulness_summary(curves, m, faith_weights) for m in methods}
-    occlusion = merge_occlusion(parts["occlusion"])
+    occlusion = merge_occlusion(parts["occlusion"]) if parts["occlusion"] else None
     weights = resample_weights(n, n_boot, seed + TRUST_SEED_OFFSET)
     block = {
         "n_images": n,
@@ -195,9 +197,13 @@ def run_trust(
             }
             for m in methods
         },
-        "occlusion": occlusion_summary(occlusion, groups, labels, weights),
+        "occlusion": (
+            occlusion_summary(occlusion, groups, labels, weights)
+            if occlusion is not None
+            else {"skipped": "the data set has no region masks: nothing to occlude"}
+        ),
     }
-    columns = occlusion_columns(occlusion)
+    columns = occlusion_columns(occlusion) if occlusion is not None else {}
     return block, columns, occlusion
 
 

@@ -750,7 +750,7 @@ def _gallery(
     flipped = {}
     for n in names:
         rows = by_model[n]
-        flips = rows[rows["flipped"].astype(bool)]
+        flips = rows[rows["flipped"].astype(bool)] if "flipped" in rows else rows.iloc[:0]
         shown = []
         for position, r in flips.iterrows():
             uri = _data_uri(overlays / "counterfactuals" / n / f"{position:05d}.png")
@@ -837,7 +837,7 @@ def bias_rows(
 
 
 def section_list(
-    trust: bool, mitigations: bool, discovery: bool = False
+    trust: bool, mitigations: bool, discovery: bool = False, counterfactuals: bool = True
 ) -> dict[str, dict[str, Any]]:
     """id -> {"number", "title"} of the report's sections, in order: the trust and mitigation
     sections appear only when the run has their metrics, and the numbers follow."""
@@ -848,7 +848,7 @@ def section_list(
         ("performance", "Performance by group", True),
         ("trust", "Can these explanations be trusted?", trust),
         ("attention", "Attention on regions", True),
-        ("counterfactuals", "Counterfactuals", True),
+        ("counterfactuals", "Counterfactuals", counterfactuals),
         ("discovery", "Slices and strategies found from the model", discovery),
         ("gallery", "Gallery: the same images under each model", True),
         ("misclassified", "Misclassified images", True),
@@ -944,7 +944,10 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     )
     flip_chart = charts.grouped_bars(
         groups,
-        {n: [models[n]["counterfactual"]["per_group"].get(g) for g in groups] for n in names},
+        {
+            n: [(models[n].get("counterfactual") or {}).get("per_group", {}).get(g) for g in groups]
+            for n in names
+        },
         "flip rate",
         "Counterfactual flip rate by group (95% CI)",
         model_colours,
@@ -1009,7 +1012,12 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     trust = sections.trust_context(metrics, run_dir, _data_uri, _svg_uri, model_colours)
     mitigations = sections.mitigation_context(metrics, _svg_uri, model_colours)
     discovered = discovery_context(run_dir, metrics)
-    numbered = section_list(trust is not None, mitigations is not None, discovered is not None)
+    numbered = section_list(
+        trust is not None,
+        mitigations is not None,
+        discovered is not None,
+        any(m.get("counterfactual") for m in models.values()),
+    )
     page_one = validity_view.amend_decisions(decisions(metrics, mistakes, anchors), metrics)
     return {
         "title": config.get("title", "Bias audit"),
@@ -1075,7 +1083,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "attention_tables": attention_tables,
         "differences": differences,
         "perf_differences": perf_differences,
-        "counterfactual": {n: models[n]["counterfactual"] for n in names},
+        "counterfactual": {n: models[n].get("counterfactual") for n in names},
         "gallery": _gallery(run_dir, metrics, by_model, config, mistakes, anchors, cell_ids),
         "discovery": discovered,
         "config_text": json.dumps(config, indent=2),
