@@ -293,7 +293,8 @@ def test_a_run_names_each_finding_in_metrics_the_log_and_the_report(small_datase
     for f in findings:
         assert f"validity {f['severity'].upper()}: {f['message']}" in log
     page = _text((out / "report.html").read_text())
-    summary = page[page.index("Validity: can these figures be read?") : page.index("Gates")]
+    start = page.index("Validity: can these figures be read?")
+    summary = page[start : page.index("Contents", start)]  # the first section, up to its contents
     for f in findings:
         assert f["message"] in summary, f["check"]
     counterfactuals = page[page.index("Counterfactuals Each evaluated") :]

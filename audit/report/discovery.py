@@ -18,7 +18,9 @@ from PIL import Image
 from audit.report.fmt import ci_html, pct
 
 MEAN_MAP_PIXELS = 96  # side of the drawn mean Grad-CAM
-FINDINGS_SHOWN = 6  # slices (worst first) and strategies shown per model
+FINDINGS_SHOWN = 4  # failing slices (worst first) shown per model; strategies: twice as many
+THUMBS_SHOWN = 4  # typical images shown per slice
+THUMB_QUALITY = 72  # JPEG quality of the embedded thumbnails
 
 
 def mean_map_uri(values: list[float]) -> str | None:
@@ -38,12 +40,15 @@ def mean_map_uri(values: list[float]) -> str | None:
 
 
 def _thumbs(run_dir: Path, model: str, positions: list[int]) -> list[str]:
-    """Data URIs of the Grad-CAM overlays the run drew for these eval positions."""
+    """Small JPEG data URIs of the Grad-CAM overlays the run drew for these eval positions."""
     uris = []
-    for position in positions:
+    for position in positions[:THUMBS_SHOWN]:
         path = run_dir / "overlays" / model / "gradcam" / "pred" / f"{position:05d}.png"
         if path.is_file():
-            uris.append("data:image/png;base64," + base64.b64encode(path.read_bytes()).decode())
+            with Image.open(path) as image:
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="JPEG", quality=THUMB_QUALITY)
+            uris.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode())
     return uris
 
 
@@ -69,7 +74,9 @@ def _finding(run_dir: Path, model: str, entry: dict[str, Any], kind: str) -> dic
             f"{region} {pct(share)}" for region, share in (entry.get("region_shares") or {}).items()
         ),
         "mean_map": mean_map_uri(entry.get("mean_gradcam") or []),
-        "thumbs": _thumbs(run_dir, model, entry.get("typical_positions") or []),
+        "thumbs": (
+            _thumbs(run_dir, model, entry.get("typical_positions") or []) if kind == "slice" else []
+        ),
     }
 
 
@@ -97,11 +104,12 @@ def discovery_context(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] 
             found[name] = {"skipped": block["skipped"], "slices": [], "strategies": []}
             continue
         slices = sorted(block["slices"], key=lambda s: (s["accuracy"]["value"], s["id"]))
+        failing = [s for s in slices if s["gap"] < 0][:FINDINGS_SHOWN]
         found[name] = {
             "alert": alert(name, block),
             "method": block["method"],
-            "slices": [_finding(run_dir, name, s, "slice") for s in slices[:FINDINGS_SHOWN]],
-            "slices_more": max(0, len(slices) - FINDINGS_SHOWN),
+            "slices": [_finding(run_dir, name, s, "slice") for s in failing],
+            "slices_more": len(slices) - len(failing),
             "too_small": block.get("classes_too_small") or [],
             "strategies": [
                 _finding(run_dir, name, s, "strategy")

@@ -129,7 +129,11 @@ def _not_judged(name: str, status: str, own: list[dict[str, Any]]) -> dict[str, 
             'Fix what <a href="#validity">Validity</a> names for {} (its [model.preprocess] '
             "table first), then re-run this audit."
         ).format(name)
-    why = [Markup("{}.").format(f["message"]) for f in invalid]
+    # In a few words: each finding in full follows the decisions (Validity findings).
+    why = [
+        Markup("{} (in full under Validity).").format(f.get("short") or f["message"])
+        for f in invalid
+    ]
     return {
         "ship": False,
         "headline": headline,
@@ -143,4 +147,5 @@ def _not_judged(name: str, status: str, own: list[dict[str, Any]]) -> dict[str, 
             else "was not measured as it works",
         ),
         "next": [step],
+        "believe": None,  # moot: none of its maps is evidence
     }
