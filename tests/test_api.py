@@ -148,8 +148,7 @@ def test_a_dataframe_becomes_a_manifest_beside_its_images(given_run, tmp_path):
 def test_gates_passed_and_the_assertion_message(given_run, tmp_path):
     result = given_run["result"]
     rows = result.metrics["gates"]
-    defaults = {key for key, gate in GATES.items() if not gate.opt_in}
-    assert len(result.gates) == len(rows) and set(result.gates["gate"]) == defaults
+    assert len(result.gates) == len(rows) and set(result.gates["gate"]) == set(GATES)
     failed = [r for r in rows if not r["passed"]]
     assert failed and not result.passed  # a random model is not right for 99% of every group
     with pytest.raises(AssertionError) as caught:
@@ -161,10 +160,10 @@ def test_gates_passed_and_the_assertion_message(given_run, tmp_path):
     for line, row in zip(lines, failed, strict=True):
         assert line.strip().startswith(f"{row['model']}: {row['label']} = {row['value']:.4f}")
         assert f"must be {row['op']} {row['threshold']}" in line
-    # The same run with only its passing rows passes.
+    # The same run with every gate row passing passes.
     folder = tmp_path / "passing"
     folder.mkdir()
-    metrics = dict(result.metrics, gates=[r for r in rows if r["passed"]])
+    metrics = dict(result.metrics, gates=[dict(r, passed=True, status="pass") for r in rows])
     (folder / "metrics.json").write_text(json.dumps(metrics))
     passing = AuditResult.load(folder)
     assert passing.passed

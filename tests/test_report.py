@@ -21,6 +21,7 @@ SECTIONS = [
     "Can these explanations be trusted?",
     "Attention on regions",
     "Counterfactuals",
+    "Slices and strategies found from the model",
     "Gallery",
     "Misclassified images",
     "Reproducibility",

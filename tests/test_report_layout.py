@@ -279,8 +279,13 @@ def test_trust_fairness_and_cells_of_a_small_run(small_run):
                 "not trusted": "⚠ NOT TRUSTED",
             }[trust_verdict(entry)]
             assert badge in row and sum(b in row for b in ("✓ TRUSTED", "⚠ NOT", "⚠ USE")) == 1
-        # Page one: one sentence per model on which methods to believe.
-        assert f"For {name}, " in html.split('id="data"', 1)[0]
+        # Page one: one sentence per model on which methods to believe, unless Validity says
+        # the model's figures are not evidence at all (then its decision says so instead).
+        page_one = html.split('id="data"', 1)[0]
+        if metrics["validity"]["models"][name] == "valid":
+            assert f"For {name}, " in page_one
+        else:
+            assert f"For {name}, " not in page_one and f"Not evidence: {name} " in page_one
     first = next(iter(metrics["models"]))
     strips = trust.split("The randomization cascade", 1)[1]
     assert strips.count('<figure class="strip') >= len(metrics["models"][first]["trust"]["methods"])
