@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-__all__ = ["AuditError", "AuditResult", "RunOptions", "run"]
+from audit.version import __version__
+
+__all__ = ["AuditError", "AuditResult", "RunOptions", "__version__", "run"]
 
 
 def __getattr__(name: str) -> Any:

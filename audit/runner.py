@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from audit import __version__
 from audit.config import AuditConfig, ModelConfig
 from audit.data.manifest import Manifest, one_valued, read_manifest, unseen_classes
 from audit.data.preprocess import Preprocess, resolve_preprocess
@@ -76,6 +75,7 @@ from audit.pipeline.rundir import (
     write_durably,
 )
 from audit.pipeline.trust_stage import TRUST_SEED_OFFSET, run_trust, trust_sample
+from audit.version import __version__
 
 METRICS_SCHEMA_VERSION = 2
 SHARD_BATCHES = 16  # batches per shard: the unit of resumption

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from audit.errors import ConfigError
+
 DELETION_BASELINES = ("zero", "blur", "mean")
 OCCLUSION_FILLS = ("mean", "blur")
 CASCADES = ("block", "module")
 
 
 def _config_error(message: str) -> ValueError:
-    """The project's ConfigError (a ValueError), imported late: audit.config may import this module."""
-    try:
-        from audit.config import ConfigError
-    except ImportError:  # pragma: no cover - audit.config is part of the package
-        return ValueError(message)
+    """The project's ConfigError (a ValueError), naming the key."""
     return ConfigError(message)
 
 
