@@ -21,6 +21,7 @@ from audit.metrics.discovery import (
     accuracy_estimate,
     best_matches,
     error_slices,
+    normalized_maps,
     strategies,
 )
 
@@ -89,11 +90,12 @@ def _region_shares(rows: pd.DataFrame, members: np.ndarray) -> dict[str, float]:
     return shares
 
 
-def _finding(data: DiscoveryInput, found: dict, groups: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The JSON form of one strategy or slice (member lists reduced to what a reader needs)."""
-    heat = np.stack(data.rows["heat"].to_numpy())[found["members"]].astype(np.float64)
-    total = heat.sum(axis=1, keepdims=True)
-    mean_map = np.divide(heat, total, out=np.zeros_like(heat), where=total > 0).mean(axis=0)
+def _finding(
+    data: DiscoveryInput, found: dict, groups: dict[str, np.ndarray], maps: np.ndarray
+) -> dict[str, Any]:
+    """The JSON form of one strategy or slice (member lists reduced to what a reader needs);
+    `maps` are every row's unit-sum pooled Grad-CAM maps."""
+    mean_map = maps[found["members"]].mean(axis=0)
     entry = {
         "class": found["class"],
         "size": found["size"],
@@ -134,17 +136,18 @@ def _discover(
     embeddings = np.stack(data.rows["embedding"].to_numpy()).astype(np.float32)
     heat = np.stack(data.rows["heat"].to_numpy()).astype(np.float32)
     groups = annotated_groups(data)
+    maps = normalized_maps(heat)  # once, for every finding's mean map
     found_slices = error_slices(embeddings, data.labels, correct, data.classes, settings, seed)
     found_strategies = strategies(heat, data.labels, correct, data.classes, seed)
     columns = {"slice": np.zeros(n, np.int64), "strategy": np.zeros(n, np.int64)}
     slices = []
     for i, found in enumerate(found_slices, start=1):
         columns["slice"][found["members"]] = i
-        slices.append({"id": i, **_finding(data, found, groups)})
+        slices.append({"id": i, **_finding(data, found, groups, maps)})
     kinds = []
     for i, found in enumerate(found_strategies, start=1):
         columns["strategy"][found["members"]] = i
-        kinds.append({"id": i, **_finding(data, found, groups)})
+        kinds.append({"id": i, **_finding(data, found, groups, maps)})
     block: dict[str, Any] = {
         "method": {
             "slices": "error-aware mixture over the explained layer's pooled activations "
