@@ -8,7 +8,10 @@ too, so the two cannot drift apart - with three additions for notebooks and test
   them: `{"biased": module}` or `{"biased": (module, preprocessing)}`, the preprocessing being a timm
   data config (`timm.data.resolve_data_config(...)`), a Hugging Face image processor, a dict of the
   config's `[model.preprocess]` keys, or an `audit.data.preprocess.Preprocess`;
-- `data` gives the manifest path, or a pandas DataFrame with the manifest's columns.
+- `data` gives the manifest path, or a pandas DataFrame with the manifest's columns; its image,
+  mask and twin paths are absolute, or relative to `root` (by default the folder of the config's
+  `data.manifest`). The table is written into the run folder as manifest.csv, never beside the
+  images.
 
 The modules given are copied before the audit moves them to its device or puts them in eval mode;
 nothing a user passes is modified.
@@ -19,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import html
 import json
 import os
@@ -38,6 +40,7 @@ from audit.config import AuditConfig, ConfigError, ModelConfig, from_dict
 from audit.data.preprocess import Preprocess, hf_keys, resolve_preprocess, timm_defaults
 from audit.models.sources import Prepared, Source, hf_class_order
 from audit.models.zoo import SmallCNN
+from audit.pipeline.plan import TableManifest
 from audit.pipeline.rundir import RunFolderError, check_target, install
 from audit.report.junit import gate_text, write_junit
 from audit.runner import AuditError, GivenModel, RunOptions, run_audit
@@ -52,6 +55,7 @@ def run(
     models: Mapping[str, Any] | None = None,
     data: str | os.PathLike | pd.DataFrame | None = None,
     *,
+    root: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     options: RunOptions | None = None,
     echo: Callable[[str], None] = print,
@@ -70,11 +74,18 @@ def run(
         name: _given(name, value, specs[name].preprocess, audit_config.data.image_size)
         for name, value in models.items()
     }
+    table = None
+    if isinstance(data, pd.DataFrame):
+        table = table_manifest(data, Path(root) if root else audit_config.manifest_path.parent)
     keep = None
     if out is None:
         keep = tempfile.TemporaryDirectory(prefix="audit-")
         out = Path(keep.name) / "run"
-    folder = run_audit(audit_config, Path(out), echo=echo, options=options, models=given)
+    if table is not None:  # the run folder's copy of the table is the manifest it records
+        audit_config.data.manifest = str(Path(out).resolve() / TableManifest.NAME)
+    folder = run_audit(
+        audit_config, Path(out), echo=echo, options=options, models=given, table=table
+    )
     return AuditResult(folder, _keep=keep)
 
 
@@ -110,8 +121,12 @@ def _config(config: ConfigLike, models: Mapping[str, Any], data: Any) -> AuditCo
         _given_spec(spec, models[spec.name]) if spec.name in models else spec
         for spec in built.model
     ]
-    if data is not None:
-        built.data.manifest = _manifest(data, built)
+    if isinstance(data, (str, os.PathLike)):
+        built.data.manifest = str(Path(data).resolve())
+    elif data is not None and not isinstance(data, pd.DataFrame):
+        raise AuditError(
+            f"data must be a manifest path or a pandas DataFrame, not {type(data).__name__}"
+        )
     return built
 
 
@@ -235,17 +250,6 @@ def _check_outputs(name: str, model: nn.Module, preprocess: Preprocess, classes:
 
 
 # -- data --------------------------------------------------------------------------------------
-def _manifest(data: Any, config: AuditConfig) -> str:
-    """The manifest to read: the path given, or a DataFrame written as a manifest file."""
-    if isinstance(data, (str, os.PathLike)):
-        return str(Path(data).resolve())
-    if not isinstance(data, pd.DataFrame):
-        raise AuditError(
-            f"data must be a manifest path or a pandas DataFrame, not {type(data).__name__}"
-        )
-    return str(write_frame(data, config.manifest_path.parent))
-
-
 def _path_columns(table: pd.DataFrame) -> list[str]:
     return [
         c
@@ -254,38 +258,27 @@ def _path_columns(table: pd.DataFrame) -> list[str]:
     ]
 
 
-def write_frame(table: pd.DataFrame, folder: Path) -> Path:
-    """A DataFrame with a manifest's columns as a manifest file; returns its path.
+def table_manifest(table: pd.DataFrame, root: Path) -> TableManifest:
+    """A DataFrame with a manifest's columns as the text of a manifest file (the run writes it
+    into its own folder).
 
-    Relative paths in it are read from `folder` (the config's manifest folder), absolute ones as
-    they are. The file goes into the folder all paths share (a manifest's paths are relative to
-    its folder), named by its content: manifest-<sha256 prefix>.csv, so a repeated run reuses it.
+    Relative paths in it are read from `root`, absolute ones as they are; the manifest's paths are
+    made relative to the folder all of them share. The caller's DataFrame is not modified.
     """
     table = table.astype(object).where(table.notna(), "").astype(str)  # a copy
     columns = _path_columns(table)
     values = pd.unique(table[columns].to_numpy().ravel()) if columns else []
     absolute = [v for v in values if v and os.path.isabs(v)]
-    base = root = Path(folder).resolve()
+    base = common = Path(root).resolve()
     if absolute:
         relative = any(v and not os.path.isabs(v) for v in values)
         parents = [os.path.dirname(v) for v in absolute] + ([str(base)] if relative else [])
-        root = Path(os.path.commonpath(parents))
+        common = Path(os.path.commonpath(parents))
         for column in columns:
             table[column] = [
-                os.path.relpath(os.path.join(base, v), root) if v else "" for v in table[column]
+                os.path.relpath(os.path.join(base, v), common) if v else "" for v in table[column]
             ]
-    text = table.to_csv(index=False, lineterminator="\n")
-    path = root / f"manifest-{hashlib.sha256(text.encode()).hexdigest()[:16]}.csv"
-    if not path.is_file():
-        try:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
-        except OSError as error:
-            raise AuditError(
-                f"data: cannot write the DataFrame as a manifest in {root}: {error.strerror}"
-            ) from None
-    return path
+    return TableManifest(table.to_csv(index=False, lineterminator="\n"), common)
 
 
 def _api_words(message: str) -> str:
@@ -397,7 +390,7 @@ class AuditResult:
 
 def summary_html(metrics: dict[str, Any], folder: Path) -> str:
     """The decision summary (the report's own sentences) and the gates, for a notebook cell."""
-    from audit.report.render import decisions
+    from audit.report.words import decisions
 
     parts = [
         f"<div class='audit-result'><p>Run folder: <code>{html.escape(str(folder))}</code></p>"

@@ -576,7 +576,7 @@ def _read_input_image(path: Path) -> Any:
     when it is missing, not a file, or not a decodable image."""
     from PIL import Image
 
-    from audit.data.dataset import read_rgb
+    from audit.data.images import read_rgb
 
     if not path.exists():
         raise BadInput(f"{path}: file not found")

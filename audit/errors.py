@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A config problem, naming the key."""
+
+
+class AuditError(ValueError):
+    """A user-facing problem with the audit's inputs."""

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+from in_memory import load_samples  # benchmarks/in_memory.py, beside this script
 
-from audit.data.dataset import load_samples
 from audit.data.manifest import read_manifest
 from audit.explain import explain
 from audit.metrics.attention import mass_share

@@ -16,9 +16,9 @@ from PIL import Image
 from torch import nn
 
 import audit
-from audit.api import AuditResult, _preprocess, write_frame
+from audit.api import AuditResult, _preprocess, table_manifest
 from audit.cli import main
-from audit.data.manifest import read_manifest
+from audit.data.manifest import ManifestError, read_manifest
 from audit.models.io import save_checkpoint
 from audit.models.zoo import SmallCNN
 from audit.runner import AuditError, RunOptions
@@ -127,22 +127,50 @@ def test_nothing_the_caller_passed_is_modified(given_run):
     assert given_run["config"] == given_run["config_before"]
 
 
-def test_a_dataframe_becomes_a_manifest_beside_its_images(given_run, tmp_path):
-    manifest = Path(given_run["result"].metrics["data"]["manifest"])
-    assert manifest.parent == given_run["dataset"].parent and manifest.name.startswith("manifest-")
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_a_dataframe_becomes_the_run_folders_manifest(given_run):
+    """The table is written into the run folder (manifest.csv), nothing beside the images."""
+    result = given_run["result"]
+    manifest = Path(result.metrics["data"]["manifest"])
+    assert manifest == (result.folder / "manifest.csv").resolve() and manifest.is_file()
+    dataset = given_run["dataset"].parent
+    assert not [p for p in _files(dataset) if "manifest-" in p or p.endswith(".tmp")]
+    written = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    assert list(written["image"]) == list(given_run["frame_before"]["image"])
+    assert "manifest.csv" in json.loads((result.folder / "run.json").read_text())["files"]
+
+
+def test_a_dataframes_paths_absolute_or_relative_to_root(given_run, tmp_path):
     frame = given_run["frame_before"]
-    # The same rows with absolute paths (and one relative): the same files, a common folder.
     folder = given_run["dataset"].parent
+    before = _files(folder)
+    # Relative paths are read from `root`.
+    table = table_manifest(frame, folder)
+    assert table.root == folder.resolve()
+    path = tmp_path / "elsewhere" / "manifest.csv"
+    path.parent.mkdir()
+    path.write_text(table.text)
+    read = read_manifest(path, decode=False, root=table.root)
+    assert list(read.table["image"]) == list(frame["image"])
+    assert read.resolve(read.table["image"].iloc[0]) == folder.resolve() / frame["image"].iloc[0]
+    # Absolute paths (and one relative to root): the same files, from their common folder.
     absolute = frame.copy()
     for column in ("image", "mask:hair"):
         absolute[column] = [str(folder / p) if p else "" for p in absolute[column]]
     absolute.loc[absolute.index[0], "image"] = frame["image"].iloc[0]
-    written = write_frame(absolute, folder)
-    assert written.parent == folder.resolve()
-    read = read_manifest(written, decode=False).table
-    assert list(read["image"]) == list(frame["image"])
-    assert list(read["mask:hair"]) == list(frame["mask:hair"])
-    assert write_frame(absolute, folder) == written  # named by content: written once
+    table = table_manifest(absolute, folder)
+    assert table.root == folder.resolve()
+    path.write_text(table.text)
+    read = read_manifest(path, decode=False, root=table.root)
+    assert list(read.table["image"]) == list(frame["image"])
+    assert list(read.table["mask:hair"]) == list(frame["mask:hair"])
+    # Read from the wrong root, the manifest names the missing files (one line per problem).
+    with pytest.raises(ManifestError, match="file not found"):
+        read_manifest(path, decode=False, root=tmp_path)
+    assert _files(folder) == before  # nothing written beside the images
 
 
 def test_gates_passed_and_the_assertion_message(given_run, tmp_path):
@@ -365,3 +393,22 @@ def test_config_forms_with_given_models(small_dataset, tmp_path):
     assert config.model[0].train_split == "train_biased" and built.model[0].train_split == ""
     assert built.data.manifest == str(small_dataset.resolve())
     assert config.data.manifest != built.data.manifest
+
+
+def test_a_dataframe_read_from_the_wrong_root_names_its_files(given_run, tmp_path):
+    """`root=` is where relative paths are read from: a wrong one fails before any work, with
+    nothing left in the run folder's place."""
+    config = _config(given_run["dataset"], model=[{"name": "m", "checkpoint": "x"}])
+    frame = given_run["frame_before"]
+    with pytest.raises(ManifestError, match="file not found") as error:
+        audit.run(
+            config,
+            models={"m": SmallCNN(2)},
+            data=frame,
+            root=tmp_path,
+            out=tmp_path / "run",
+            options=QUIET,
+            echo=lambda _: None,
+        )
+    assert frame["image"].iloc[0] in str(error.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from audit.data.dataset import ManifestDataset, load_samples
 from audit.data.doctor_nurse import DoctorNurseSpec, generate, split_plan
 from audit.data.draw import (
     AGES,
@@ -23,6 +22,7 @@ from audit.data.draw import (
     sample_params,
 )
 from audit.data.manifest import ManifestError, read_manifest, validate
+from benchmarks.in_memory import ManifestDataset, load_samples
 from tests.conftest import SMALL
 
 

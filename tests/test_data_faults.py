@@ -16,7 +16,8 @@ from audit.cli import main
 from audit.config import from_dict
 from audit.data.manifest import ManifestError, read_manifest, validate
 from audit.metrics.groups import group_metrics
-from audit.runner import AuditError, _check_eval_split
+from audit.pipeline.plan import check_eval_split
+from audit.runner import AuditError
 from tests.conftest import to_toml
 
 
@@ -85,7 +86,7 @@ def test_a_class_training_never_saw_is_refused_naming_its_lines(tmp_path):
     path = _unseen_manifest(tmp_path)
     config = from_dict(_config(path), tmp_path)
     with pytest.raises(AuditError) as caught:
-        _check_eval_split(config, read_manifest(path), [], print)
+        check_eval_split(config, read_manifest(path), [], print)
     message = str(caught.value)
     assert (
         "eval split 'test' has class(es) that model 'm' never saw in its train_split 'train'"
@@ -115,7 +116,7 @@ def test_the_explicit_key_allows_unseen_classes_and_says_so(tmp_path):
     path = _unseen_manifest(tmp_path)
     config = from_dict(_config(path, allow_unseen_classes=True), tmp_path)
     said: list[str] = []
-    assert _check_eval_split(config, read_manifest(path), [], said.append) == ([], {})
+    assert check_eval_split(config, read_manifest(path), [], said.append) == ([], {})
     assert len(said) == 1 and "'surgeon' on lines 7, 9" in said[0]
     assert "allowed by data.allow_unseen_classes" in said[0]
 
@@ -139,9 +140,7 @@ def test_an_attribute_with_one_value_is_left_out_of_gates_and_intersections(tmp_
     path = _attribute_manifest(tmp_path)
     manifest = read_manifest(path)
     said: list[str] = []
-    kept, left_out = _check_eval_split(
-        from_dict(_config(path), tmp_path), manifest, [], said.append
-    )
+    kept, left_out = check_eval_split(from_dict(_config(path), tmp_path), manifest, [], said.append)
     assert (kept, left_out) == (["sex"], {"site": ["lab"]})
     assert said == [
         "warning: attribute 'site' has only the value 'lab' in eval split 'test': left out of "
@@ -152,7 +151,7 @@ def test_an_attribute_with_one_value_is_left_out_of_gates_and_intersections(tmp_
     blocks = group_metrics(table, kept, ["a", "b"], np.ones((1, len(table))))
     assert list(blocks) == ["sex"]
     # Named explicitly, it is left out too; when nothing is left the audit is refused.
-    kept = _check_eval_split(
+    kept = check_eval_split(
         from_dict(_config(path, attributes=["sex", "site"]), tmp_path),
         manifest,
         ["sex", "site"],
@@ -160,7 +159,7 @@ def test_an_attribute_with_one_value_is_left_out_of_gates_and_intersections(tmp_
     )[0]
     assert kept == ["sex"]
     with pytest.raises(AuditError, match="no protected attribute has two or more groups"):
-        _check_eval_split(from_dict(_config(path), tmp_path), manifest, ["site"], said.append)
+        check_eval_split(from_dict(_config(path), tmp_path), manifest, ["site"], said.append)
 
 
 def test_attributes_with_two_values_are_kept_as_given(tmp_path):
@@ -169,12 +168,12 @@ def test_attributes_with_two_values_are_kept_as_given(tmp_path):
     config.model[0].train_split = "test"
     said: list[str] = []
     # In the train split site has one value too (home): only sex has two there as well.
-    assert _check_eval_split(config, read_manifest(path), [], said.append)[0] == ["sex"]
+    assert check_eval_split(config, read_manifest(path), [], said.append)[0] == ["sex"]
     table = pd.read_csv(path, dtype=str)
     table.loc[table["split"] == "train", "group:site"] = ["home", "clinic", "home", "clinic"]
     table.to_csv(path, index=False)
     said.clear()
-    assert _check_eval_split(config, read_manifest(path), [], said.append) == ([], {})
+    assert check_eval_split(config, read_manifest(path), [], said.append) == ([], {})
     assert said == []  # nothing left out: the attributes stay as given ([] = all)
 
 

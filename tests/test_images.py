@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from audit.data.dataset import read_image, read_rgb
-from audit.data.images import UnsupportedImageError, read_mask, read_pixels
+from audit.data.images import UnsupportedImageError, read_image, read_mask, read_pixels, read_rgb
 from audit.data.manifest import read_manifest, validate
 from audit.pipeline.frames import FrameDataset, ImageDecodeError, squash
 

@@ -10,8 +10,10 @@ import re
 
 from audit.metrics.bootstrap import resample_weights
 from audit.metrics.groups import group_metrics
+from audit.report.context import build_context
 from audit.report.fmt import ci
-from audit.report.render import build_context, decisions, gate_figure, gate_sentence, render_html
+from audit.report.render import render_html
+from audit.report.words import decisions, gate_figure, gate_sentence
 from tests.test_groups import _synthetic
 from tests.test_report_trust import CLASSES, _model, _text, _trust, fake_run
 

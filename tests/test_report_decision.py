@@ -11,14 +11,9 @@ import pandas as pd
 import pytest
 
 from audit.report import charts
-from audit.report.render import (
-    GATE_TEXTS,
-    choose_mistakes,
-    ci_html,
-    decisions,
-    gate_legend,
-    mistakes_shown,
-)
+from audit.report.context import choose_mistakes, mistakes_shown
+from audit.report.fmt import ci_html
+from audit.report.words import GATE_TEXTS, decisions, gate_legend
 
 
 def _estimate(value, low=None, high=None, **extra):

@@ -16,7 +16,9 @@ from markupsafe import escape
 
 from audit.metrics.gates import evaluate_gates, verdicts
 from audit.report import sections
-from audit.report.render import build_context, decisions, render_html
+from audit.report.context import build_context
+from audit.report.render import render_html
+from audit.report.words import decisions
 
 METHODS = ["gradcam", "guided_gradcam"]
 
@@ -551,7 +553,7 @@ def test_decisions_of_old_gate_rows_without_status_still_work():
 
 
 def test_the_occlusion_gate_is_told_in_words():
-    from audit.report.render import gate_sentence
+    from audit.report.words import gate_sentence
 
     gate = {
         "gate": "max_protected_occlusion_effect",

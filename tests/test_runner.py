@@ -410,7 +410,7 @@ def test_software_versions_are_those_of_the_imported_packages() -> None:
     import sklearn
     import weasyprint
 
-    from audit.runner import software_versions
+    from audit.pipeline.write import software_versions
 
     versions = software_versions()
     modules = {"torchvision": torchvision, "scikit-learn": sklearn, "fairlearn": fairlearn}

@@ -23,7 +23,7 @@ import numpy as np, torch
 from audit.metrics.trust import TrustConfig
 from audit.models.zoo import SmallCNN
 from audit.pipeline.map import MapSpec
-from audit.pipeline.trust_stage import run_trust
+from audit.pipeline.trust_stage import TrustJob, TrustSample, run_trust
 
 SIZE = 64
 REGIONS = ["hair", "face"]
@@ -44,9 +44,10 @@ def trust(n, folder):
                          cascade_cuts=1, occlusion_fills=["mean"], batch_size=32)
     spec = MapSpec(layer="features", regions=REGIONS, unions={"protected": REGIONS}, batch_size=32)
     positions = np.arange(n)
-    return run_trust("m", model, spec, Made(), positions, np.array(["g"] * n),
-                     np.array(["x"] * n), ["gradcam", "guided_gradcam"], config, 50, 0,
-                     Path(folder), torch.device("cpu"))
+    sample = TrustSample(positions, np.array(["g"] * n), np.array(["x"] * n))
+    job = TrustJob("m", ["gradcam", "guided_gradcam"], config, 50, 0, Path(folder),
+                   torch.device("cpu"))
+    return run_trust(model, spec, Made(), sample, job)
 
 torch.manual_seed(0)
 model = SmallCNN(2).eval()

@@ -16,7 +16,7 @@ from audit.metrics.trust import (
 )
 from audit.models.zoo import SmallCNN
 from audit.pipeline.map import MapSpec
-from audit.pipeline.trust_stage import batch_seed, run_trust
+from audit.pipeline.trust_stage import TrustJob, TrustSample, batch_seed, run_trust
 
 SIZE = 32
 REGIONS = ["hair", "face"]
@@ -56,19 +56,11 @@ def streamed(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     positions = np.arange(20)
     folder = tmp_path_factory.mktemp("trust")
     out = run_trust(
-        "m",
         model,
         spec,
         Made(),
-        positions,
-        np.array(["a", "b"] * 10),
-        np.array(["x"] * 20),
-        METHODS,
-        config,
-        50,
-        0,
-        folder,
-        torch.device("cpu"),
+        TrustSample(positions, np.array(["a", "b"] * 10), np.array(["x"] * 20)),
+        TrustJob("m", METHODS, config, 50, 0, folder, torch.device("cpu")),
     )
     images = torch.stack([Made()[i]["image"] for i in range(20)])
     return model, images, out, folder

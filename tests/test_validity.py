@@ -23,9 +23,9 @@ from audit.metrics import validity as v
 from audit.metrics.gates import evaluate_gates, verdicts
 from audit.models.io import save_checkpoint
 from audit.models.sources import parse_arch
-from audit.report.render import decisions
+from audit.pipeline.obtain import recorded_preprocess
 from audit.report.validity_view import amend_decisions, validity_context
-from audit.runner import _recorded_preprocess
+from audit.report.words import decisions
 from tests.conftest import write_config
 from tests.test_report_decision import _metrics
 
@@ -154,11 +154,11 @@ def test_the_frame_a_checkpoint_records_is_compared(tmp_path):
         classes=["a", "b"],
         meta={"preprocess": recorded},
     )
-    assert _recorded_preprocess(path) == recorded
-    found = v.check_frame("m", audit, _recorded_preprocess(path), "the checkpoint's record")
+    assert recorded_preprocess(path) == recorded
+    found = v.check_frame("m", audit, recorded_preprocess(path), "the checkpoint's record")
     assert found["values"]["frame"] == {"audit": [224, 224], "own": [160, 160]}
     torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
-    assert _recorded_preprocess(tmp_path / "plain.pt") is None
+    assert recorded_preprocess(tmp_path / "plain.pt") is None
 
 
 # -- a model at chance ------------------------------------------------------------------------

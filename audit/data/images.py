@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
+from torch import Tensor
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 REFUSED = {
@@ -124,3 +126,19 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
     if "exif" in image.info and image.getexif().get(ORIENTATION, 1) in SWAPS_SIDES:
         return height, width
     return width, height
+
+
+def read_image(path: str, mode: str = "RGB") -> Tensor:
+    """An image file as a (C, H, W) uint8 tensor, decoded by audit.data.images (every mode to the
+    same 8-bit RGB, upright): mode "RGB" gives (3, H, W); "mask" gives (1, H, W), 255 where the
+    file is nonzero, 0 elsewhere."""
+    if mode == "mask":
+        return torch.from_numpy(read_mask(path)).to(torch.uint8).mul_(255)[None]
+    if mode != "RGB":
+        raise ValueError(f"read_image: mode must be 'RGB' or 'mask', got {mode!r}")
+    return torch.from_numpy(read_pixels(path).copy()).permute(2, 0, 1)
+
+
+def read_rgb(path: str) -> Tensor:
+    """An image file as a (3, H, W) uint8 tensor (greyscale expanded to RGB)."""
+    return read_image(path, "RGB")

@@ -82,6 +82,7 @@ class Manifest:
     attributes: list[str] = field(default_factory=lambda: [SHORTHAND])
     attribute_columns: dict[str, str] = field(default_factory=lambda: {SHORTHAND: "group"})
     twin_columns: dict[str, str] = field(default_factory=dict)
+    folder: Path | None = None  # the folder the paths are relative to; None: the manifest's own
 
     def group_column(self, attribute: str) -> str:
         """The column holding one attribute's values; ManifestError (one line) for an unknown one."""
@@ -92,7 +93,7 @@ class Manifest:
 
     @property
     def root(self) -> Path:
-        return self.path.parent
+        return self.folder if self.folder is not None else self.path.parent
 
     def resolve(self, relative: str) -> Path:
         return self.root / relative
@@ -299,18 +300,29 @@ def parse_box(value: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = True) -> Manifest:
+def read_manifest(
+    path: str | Path,
+    *,
+    check_files: bool = True,
+    decode: bool = True,
+    root: str | Path | None = None,
+) -> Manifest:
     """Load and validate a manifest; raise ManifestError listing every problem found.
 
     `decode=False` reads only the images' headers (existence, format, size), not their pixels: an
     audit run decodes every image anyway, and names a file that fails then with its manifest line
     (stopping, or skipping it with --skip-bad-images), so the run does not decode the set twice.
+    `root`: the folder the paths are relative to, when not the manifest's own (a manifest the
+    Python API wrote from a DataFrame into the run folder).
     """
     path = Path(path)
-    problems = validate(path, check_files=check_files, decode=decode)
+    problems = validate(path, check_files=check_files, decode=decode, root=root)
     if problems:
         raise ManifestError(path, problems)
-    return _load(path)
+    manifest = _load(path)
+    if root is not None:
+        manifest.folder = Path(root)
+    return manifest
 
 
 def _read_raw(path: Path) -> pd.DataFrame:
@@ -426,11 +438,17 @@ def one_valued(rows: pd.DataFrame, columns: dict[str, str]) -> dict[str, list[st
     return out
 
 
-def validate(path: str | Path, *, check_files: bool = True, decode: bool = True) -> list[str]:
+def validate(
+    path: str | Path,
+    *,
+    check_files: bool = True,
+    decode: bool = True,
+    root: str | Path | None = None,
+) -> list[str]:
     """Every problem of a manifest, one line each, naming the line (header = line 1) and column.
 
     With `decode` every image is decoded in full, so truncated files are found too; without it
-    only their headers are read."""
+    only their headers are read. Paths are relative to `root` (default: the manifest's folder)."""
     path = Path(path)
     if not path.is_file():
         return [f"manifest not found: {path}"]
@@ -463,7 +481,7 @@ def validate(path: str | Path, *, check_files: bool = True, decode: bool = True)
     spelled = ["label", *(c for c in raw.columns if c == "group" or c.startswith("group:"))]
     for column in spelled:
         problems += _spelling_problems(raw[column], column)
-    real_path = _RealPaths(str(path.parent.resolve()))
+    real_path = _RealPaths(str(Path(root if root is not None else path.parent).resolve()))
     sizes: dict[tuple[str, bool], tuple[int, int] | None] = {}
 
     def check_file(

@@ -49,6 +49,7 @@ def ovr_differences(
     n_groups: int,
     n_classes: int,
     weights_t: np.ndarray,
+    *,
     judged: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Demographic parity and equalized odds differences per resample (columns of `weights_t`).

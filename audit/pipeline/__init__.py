@@ -1,1 +1,2 @@
-"""The audit pipeline: frames -> map -> gallery -> trust -> reduce, and the run folder."""
+"""The audit's stages: plan -> (per model) obtain -> map -> discover -> gallery -> trust -> reduce ->
+write, each a module taking the run's plan; `audit.runner` sequences them (docs/architecture.md)."""

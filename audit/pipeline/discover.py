@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,10 @@ from audit.metrics.discovery import (
     normalized_maps,
     strategies,
 )
+from audit.pipeline.plan import RunContext
+
+if TYPE_CHECKING:
+    from audit.config import ModelConfig
 
 FAR_BELOW = 0.10  # a slice this far below every annotated cell is "a group the data does not name"
 
@@ -182,3 +186,38 @@ def _discover(
         block["unnamed_failure"] = False
     block["overall"] = accuracy_estimate(correct)
     return block, columns
+
+
+def discover_model(
+    ctx: RunContext, spec: ModelConfig, rows: pd.DataFrame
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Slices and strategies of one model from its map rows (positions over the eval split)."""
+    plan = ctx.plan
+    settings = plan.config.discovery
+    if not settings.enabled:
+        return {"skipped": "switched off ([discovery] enabled = false)"}, {}
+    keep = rows["ok"].to_numpy(bool)
+    eval_rows = plan.eval_rows.reset_index(drop=True)[keep]
+    data = DiscoveryInput(
+        rows=rows[keep].reset_index(drop=True),
+        images=eval_rows["image"].to_numpy(),
+        labels=np.searchsorted(plan.classes, eval_rows["label"].to_numpy()),
+        classes=list(plan.classes),
+        attributes={
+            a: eval_rows[plan.manifest.attribute_columns[a]].astype(str).to_numpy()
+            for a in plan.attributes
+        },
+        min_cell_size=plan.config.data.min_cell_size,
+    )
+    block, columns = discover(data, plan.config.seed, settings.slice_settings())
+    ok_positions = np.flatnonzero(keep)
+    for finding in [*block.get("slices", []), *block.get("strategies", [])]:
+        finding["typical_positions"] = [int(ok_positions[p]) for p in finding["typical_positions"]]
+    worst = block.get("worst_slice")
+    if worst:
+        ctx.log(
+            f"{spec.name}: worst discovered slice {worst['id']} at accuracy "
+            f"{worst['accuracy']['value']:.3f} ({len(block['slices'])} slices, "
+            f"{len(block['strategies'])} explanation strategies)"
+        )
+    return block, columns  # aligned with samples.csv's rows (decodable images)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from audit.data.dataset import read_image
+from audit.data.images import read_image
 from audit.data.manifest import Manifest, parse_box
 from audit.data.preprocess import Preprocess
 

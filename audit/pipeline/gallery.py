@@ -9,8 +9,10 @@ mistakes keeps and renders a bounded number of maps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +25,10 @@ from audit.metrics.attention import as_heat, region_attention
 from audit.pipeline.frames import FrameDataset
 from audit.pipeline.map import MapSpec, counterfactual_images, loader
 from audit.report.overlays import save_overlays, save_pairs
+
+if TYPE_CHECKING:
+    from audit.config import ModelConfig
+    from audit.pipeline.plan import RunContext
 
 MAX_FLIPPED_SHOWN = 24  # counterfactual pairs drawn per model
 
@@ -73,26 +79,42 @@ class _ByPosition:
         return self.values[[self.lookup[int(p)] for p in positions]]
 
 
+@dataclass(frozen=True)
+class Shown:
+    """The images the gallery explains: eval positions, those whose counterfactual pair is
+    drawn, and the model's prediction for every eval image (class indices)."""
+
+    positions: np.ndarray
+    flipped: np.ndarray
+    predictions: np.ndarray
+
+
+@dataclass(frozen=True)
+class GalleryJob:
+    """How the gallery explains one model: its name, the methods, the regions outlined on the
+    overlays, the folder they go to, the device, DataLoader workers and where messages go."""
+
+    name: str
+    methods: list[str]
+    overlay_regions: list[str]
+    folder: Path
+    device: torch.device
+    workers: int = 0
+    log: Callable[[str], None] = print
+
+
 def explain_details(
-    name: str,
-    model: nn.Module,
-    spec: MapSpec,
-    dataset: FrameDataset,
-    positions: np.ndarray,
-    flipped: np.ndarray,
-    predictions: np.ndarray,
-    methods: list[str],
-    overlay_regions: list[str],
-    folder: Path,
-    device: torch.device,
-    workers: int = 0,
-    log: Any = print,
+    model: nn.Module, spec: MapSpec, dataset: FrameDataset, shown: Shown, job: GalleryJob
 ) -> dict[str, np.ndarray]:
-    """Every method on the chosen positions; overlays and counterfactual pairs into `folder`.
+    """Every method on the chosen positions; overlays and counterfactual pairs into `job.folder`.
 
     Returns per-method attention columns (`share:<method>:<region>`, `hit:...`) over the whole
-    split, NaN outside `positions`. `flipped` are positions whose counterfactual pair is drawn.
+    split, NaN outside `shown.positions`. `shown.flipped` are positions whose counterfactual pair
+    is drawn.
     """
+    name, methods, overlay_regions = job.name, job.methods, job.overlay_regions
+    folder, device, workers, log = job.folder, job.device, job.workers, job.log
+    positions, flipped, predictions = shown.positions, shown.flipped, shown.predictions
     n = len(dataset)
     columns: dict[str, np.ndarray] = {}
     wanted = np.union1d(positions, flipped).astype(np.int64)
@@ -151,4 +173,37 @@ def explain_details(
             save_pairs(
                 folder / "counterfactuals" / name, x[sel].cpu(), twin[sel].cpu(), pos[sel.cpu()]
             )
+    return columns
+
+
+def explain_gallery(
+    ctx: RunContext, spec: ModelConfig, model: nn.Module, rows: pd.DataFrame, positions: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The gallery stage of one model: every method on `positions` (and the first flipped
+    counterfactual pairs), overlays into the work folder; attention columns over the eval split."""
+    plan = ctx.plan
+    flipped = (
+        np.flatnonzero(rows["flipped"].to_numpy(bool))[:MAX_FLIPPED_SHOWN]
+        if "flipped" in rows
+        else np.zeros(0, np.int64)
+    )
+    map_spec = plan.map_spec(spec)
+    dataset = plan.dataset(
+        spec,
+        plan.eval_rows,
+        regions=map_spec.regions,
+        twins=list(plan.twin_columns().values()),
+    )
+    job = GalleryJob(
+        name=spec.name,
+        methods=plan.config.explain.methods,
+        overlay_regions=[*plan.config.data.protected_regions, *plan.config.data.core_regions],
+        folder=ctx.work / "overlays",
+        device=plan.device,
+        workers=0,
+        log=ctx.log,
+    )
+    shown = Shown(positions, flipped, rows["prediction"].to_numpy())
+    columns = explain_details(model, map_spec, dataset, shown, job)
+    ctx.log.lap(f"{spec.name}: {len(positions)} gallery images explained with every method")
     return columns

@@ -104,7 +104,7 @@ def map_batch(
         area = mask.flatten(1).float().mean(dim=1)
         columns[f"area:{name}"] = torch.where(present[name], area, torch.nan)
     if "twins" in batch:
-        columns |= counterfactual_columns(model, spec, batch, x, prediction, regions, device)
+        columns |= counterfactual_columns(model, spec, batch, x, prediction, regions)
     if spec.keep_embeddings and result.embedding is not None:
         # What slice and strategy discovery read later: a few hundred bytes per image.
         columns["embedding"] = result.embedding.float().half()
@@ -137,10 +137,10 @@ def counterfactual_columns(
     x: Tensor,
     prediction: Tensor,
     regions: dict[str, Tensor],
-    device: torch.device,
 ) -> dict[str, Tensor]:
     """Counterfactual predictions: `flipped` for the first attribute, `flipped:<a>` for every one
-    (NaN where a row has no counterfactual for that attribute)."""
+    (NaN where a row has no counterfactual for that attribute); on the device of `x`."""
+    device = x.device
     columns: dict[str, Tensor] = {}
     for k, attribute in enumerate(spec.twin_attributes or ["group"]):
         counterfactual, present = counterfactual_images(spec, batch, x, regions, k)
@@ -217,6 +217,7 @@ def map_shards(
     shards: list[tuple[int, int]],
     device: torch.device,
     workers: int,
+    *,
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[tuple[int, int], pd.DataFrame]]:
     """(shard, rows) for each shard, in order, from one DataLoader over all of them.

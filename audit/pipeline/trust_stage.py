@@ -20,8 +20,9 @@ the same controls.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from audit.explain import CAMNotApplicableError, explain_many
+from audit.metrics.aggregate import groups_of
 from audit.metrics.bootstrap import resample_weights
 from audit.metrics.trust import (
     TrustConfig,
@@ -47,6 +49,10 @@ from audit.metrics.trust.randomization import absolute_maps, merge_cascades
 from audit.pipeline.frames import FrameDataset
 from audit.pipeline.map import MapSpec, loader, release_free_memory
 from audit.report.overlays import heat_overlay
+
+if TYPE_CHECKING:
+    from audit.config import ModelConfig
+    from audit.pipeline.plan import RunContext
 
 TRUST_SEED_OFFSET = 29  # the sample and its resamples differ from the gallery's and the run's
 
@@ -138,22 +144,37 @@ def _check_batch(
     return out
 
 
+@dataclass(frozen=True)
+class TrustSample:
+    """The images the checks run on: sorted eval positions, and the group and label of each."""
+
+    positions: np.ndarray
+    groups: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrustJob:
+    """How to check one model: its name, the methods, the [trust] settings, bootstrap resamples,
+    the seed, the folder of the randomization strips, and the device."""
+
+    name: str
+    methods: list[str]
+    config: TrustConfig
+    n_boot: int
+    seed: int
+    folder: Path
+    device: torch.device
+
+
 def run_trust(
-    name: str,
-    model: nn.Module,
-    spec: MapSpec,
-    dataset: FrameDataset,
-    positions: np.ndarray,
-    groups: np.ndarray,
-    labels: np.ndarray,
-    methods: list[str],
-    config: TrustConfig,
-    n_boot: int,
-    seed: int,
-    folder: Path,
-    device: torch.device,
+    model: nn.Module, spec: MapSpec, dataset: FrameDataset, sample: TrustSample, job: TrustJob
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-    """(metrics block, samples.csv columns over `positions`, raw occlusion result for pairing)."""
+    """(metrics block, samples.csv columns over the sample's positions, raw occlusion result for
+    pairing)."""
+    name, methods, config, n_boot = job.name, job.methods, job.config, job.n_boot
+    seed, folder, device = job.seed, job.folder, job.device
+    positions, groups, labels = sample.positions, sample.groups, sample.labels
     n = len(positions)
     k_random = min(config.randomization_samples, n)
     k_faith = min(config.faithfulness_samples, n)
@@ -220,3 +241,42 @@ def _save_strips(folder: Path, image: Tensor, strips: dict[str, list[Tensor]]) -
         row = torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=2)
         pixels = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{method}.png")
+
+
+def trust_model(
+    ctx: RunContext, spec: ModelConfig, model: nn.Module, positions: np.ndarray
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """The trust stage of one model on the eval `positions`: (metrics block, samples.csv columns
+    over the whole eval split, NaN off the sample, raw occlusion result), each verdict logged."""
+    plan = ctx.plan
+    eval_rows = plan.eval_rows.reset_index(drop=True)
+    map_spec = plan.map_spec(spec)
+    sample = TrustSample(
+        positions, groups_of(eval_rows.iloc[positions]), eval_rows["label"].to_numpy()[positions]
+    )
+    job = TrustJob(
+        name=spec.name,
+        methods=plan.config.explain.methods,
+        config=plan.config.trust,
+        n_boot=plan.config.bootstrap,
+        seed=plan.config.seed,
+        folder=ctx.work / "overlays",
+        device=plan.device,
+    )
+    dataset = plan.dataset(spec, plan.eval_rows, regions=map_spec.regions)
+    block, columns, occlusion = run_trust(model, map_spec, dataset, sample, job)
+    full_columns = {}
+    for column, values in columns.items():
+        full = np.full(len(eval_rows), np.nan)
+        full[positions] = values
+        full_columns[column] = full
+    ctx.log.lap(f"{spec.name}: trust checks on {len(positions)} images")
+    for method, entry in block["methods"].items():
+        verdict = "trusted" if entry["trusted"] else "NOT trusted"
+        final = entry["randomization"]["final_spearman"]["value"]
+        shown = "n/a" if final is None else f"{final:.2f}"
+        ctx.log(
+            f"{spec.name}: {method} {verdict} (rank correlation after randomizing "
+            f"every layer: {shown})"
+        )
+    return block, full_columns, occlusion

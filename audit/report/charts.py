@@ -85,6 +85,7 @@ def grouped_bars(
     xlabel: str,
     title: str,
     colours: dict[str, str],
+    *,
     percent: bool = True,
     reference: str | None = None,
     signed: bool = False,

@@ -1,4 +1,8 @@
-"""Turning manifest rows into tensors: images resized, masks resized with them, boxes scaled."""
+"""A manifest split decoded into memory at one square resolution: for benchmarks and tests only.
+
+The audit itself never holds a split in memory (`audit.pipeline.frames` decodes batch by batch in
+each model's own frame); benchmarks that train many small models on the same split use this.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,8 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from audit.data.images import read_mask, read_pixels
+from audit.data.images import read_image, read_rgb
 from audit.data.manifest import Manifest, parse_box
-
-
-def read_image(path: str, mode: str = "RGB") -> Tensor:
-    """An image file as a (C, H, W) uint8 tensor, decoded by audit.data.images (every mode to the
-    same 8-bit RGB, upright): mode "RGB" gives (3, H, W); "mask" gives (1, H, W), 255 where the
-    file is nonzero, 0 elsewhere."""
-    if mode == "mask":
-        return torch.from_numpy(read_mask(path)).to(torch.uint8).mul_(255)[None]
-    if mode != "RGB":
-        raise ValueError(f"read_image: mode must be 'RGB' or 'mask', got {mode!r}")
-    return torch.from_numpy(read_pixels(path).copy()).permute(2, 0, 1)
-
-
-def read_rgb(path: str) -> Tensor:
-    """An image file as a (3, H, W) uint8 tensor (greyscale expanded to RGB)."""
-    return read_image(path, "RGB")
 
 
 def resize_image(image: Tensor, size: int) -> Tensor:
