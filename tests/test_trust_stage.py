@@ -126,3 +126,49 @@ def test_faithfulness_and_occlusion_are_those_of_each_batch(streamed) -> None:
             )
     assert np.isnan(columns["occlusion_effect:mean:face"][::3]).all()  # absent: no value
     assert len(columns["occlusion_drop:mean:hair"]) == 20
+
+
+def test_only_the_unions_are_occluded_by_default(tmp_path) -> None:
+    """The default occludes the unions the gate and report read; their figures (controls drawn per
+    region name, off every annotated region) are those of occluding every region."""
+    torch.manual_seed(0)
+    model = SmallCNN(2).eval()
+    spec = MapSpec(layer="features", regions=REGIONS, unions={"protected": REGIONS}, batch_size=64)
+    results = {}
+    for which in ("unions", "all"):
+        config = TrustConfig(
+            samples=10, randomization_samples=2, faithfulness_samples=2, steps=2, cascade_cuts=1,
+            batch_size=8, occlusion_regions=which,
+        )  # fmt: skip
+        args = (np.array(["a", "b"] * 5), np.array(["x"] * 10), ["gradcam"], config, 20, 0)
+        results[which] = run_trust(
+            "m", model, spec, Made(), np.arange(10), *args, tmp_path / which, torch.device("cpu")
+        )
+    assert TrustConfig().occlusion_fills == ["mean"]
+    assert TrustConfig().occlusion_regions == "unions"
+    (block, columns, raw), (_, all_columns, all_raw) = results["unions"], results["all"]
+    assert set(raw["regions"]) == {"protected"}
+    assert set(all_raw["regions"]) == {"hair", "face", "protected"}
+    assert set(block["occlusion"]) == {"no_control", "protected"}
+    for key, values in columns.items():
+        np.testing.assert_array_equal(values, all_columns[key])
+    np.testing.assert_array_equal(
+        raw["control_offsets"]["protected"], all_raw["control_offsets"]["protected"]
+    )
+    # By hand: the union's mask is hair | face (MapSpec.region_tensors), present where either is.
+    masks = torch.stack([Made()[i]["regions"] for i in range(8)])
+    present = torch.stack([Made()[i]["present"] for i in range(8)])
+    direct = region_occlusion(
+        model,
+        torch.stack([Made()[i]["image"] for i in range(8)]),
+        {"protected": masks.any(dim=1)},
+        {"protected": present.any(dim=1)},
+        fills=["mean"],
+        seed=batch_seed(0, 0),
+        avoid=masks.any(dim=1),
+    )
+    np.testing.assert_allclose(
+        columns["occlusion_effect:mean:protected"][:8],
+        direct["regions"]["protected"]["mean"]["effect"],
+        atol=1e-9,
+    )

@@ -4,7 +4,9 @@ For each model, on the same `[trust] samples` images of the evaluation split (de
 model's frame): the cascading model-parameter randomization test of every method (Adebayo et al.)
 on the first `randomization_samples` of them, deletion and insertion against a random order
 (Petsiuk et al.) on the first `faithfulness_samples`, and region occlusion against a same-shaped
-control (the causal test) on all of them. The figures go into `metrics.models.<name>.trust`, the
+control (the causal test) on all of them, of the protected and core unions by default
+(`occlusion_regions`: what the gate and the report read; each occluded region and fill costs two
+forwards per image). The figures go into `metrics.models.<name>.trust`, the
 per-image occlusion columns into samples.csv, and the randomization strip of one image into
 overlays/trust/.
 
@@ -74,6 +76,19 @@ def _applicable(
     return methods
 
 
+def occluded_regions(
+    spec: MapSpec, batch: dict[str, Tensor], which: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Masks and presence of the regions to occlude (on the batch's device): `which` "unions" keeps
+    the protected / core unions where the config names any (every region where it names none),
+    "all" every region and union. Controls avoid every annotated region either way."""
+    regions, present = spec.region_tensors(batch, batch["image"].device)
+    if which == "unions" and spec.unions:
+        regions = {name: regions[name] for name in spec.unions}
+        present = {name: present[name] for name in spec.unions}
+    return regions, present
+
+
 def _check_batch(
     model: nn.Module,
     spec: MapSpec,
@@ -123,7 +138,7 @@ def _check_batch(
         )
     if "regions" not in batch:  # a labels-only data set: no region to occlude
         return out
-    regions, present = spec.region_tensors(batch, device)
+    regions, present = occluded_regions(spec, batch, config.occlusion_regions)
     out["occlusion"] = region_occlusion(
         model,
         images,

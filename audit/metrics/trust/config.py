@@ -11,13 +11,19 @@ max_randomized_correlation = 0.5  # a method passes when its Spearman after the 
 steps = 10                        # deletion/insertion steps (10 = 10% of the pixels per step)
 deletion_baseline = "zero"        # what deleted pixels become: "zero" (black), "blur" or "mean"
 blur_sigma = 5.0                  # pixels; the blurred image insertion starts from and "blur" fills
-occlusion_fills = ["mean", "blur"]  # region occlusion: the image's mean colour, its blurred self
+occlusion_fills = ["mean"]        # region occlusion: "mean" (the image's mean colour, read by the
+                                  # gate) and / or "blur" (its blurred self)
+occlusion_regions = "unions"      # "unions": the protected and core unions (what the gate and the
+                                  # report read; every region when the config names neither);
+                                  # "all": every annotated region as well
 cascade = "block"                 # randomization step: "block" (a layer and its norm) or "module"
 batch_size = 32                   # images explained per pass (at most explain.batch_size)
 ```
 
-The default sample sizes are chosen for cost (docs/benchmarks.md has the measured figures);
-raise them for tighter intervals.
+The defaults are chosen for cost (docs/benchmarks.md has the measured figures): each occluded
+region and fill costs two forwards per image, so the default occludes only what is read (the
+protected union with the mean fill for the gate, the core union beside it in the report); raise
+the sample sizes for tighter intervals, add "blur" or "all" for the fuller picture.
 The checks stream: each batch of the sample is explained, randomized, perturbed and occluded,
 and only a few numbers per image are kept, so memory does not grow with the sample sizes.
 """
@@ -30,6 +36,7 @@ from audit.errors import ConfigError
 
 DELETION_BASELINES = ("zero", "blur", "mean")
 OCCLUSION_FILLS = ("mean", "blur")
+OCCLUSION_REGIONS = ("unions", "all")
 CASCADES = ("block", "module")
 
 
@@ -51,7 +58,8 @@ class TrustConfig:
     steps: int = 10
     deletion_baseline: str = "zero"
     blur_sigma: float = 5.0
-    occlusion_fills: list[str] = field(default_factory=lambda: list(OCCLUSION_FILLS))
+    occlusion_fills: list[str] = field(default_factory=lambda: ["mean"])
+    occlusion_regions: str = "unions"
     cascade: str = "block"
     batch_size: int = 32
 
@@ -96,5 +104,7 @@ class TrustConfig:
             or len(set(fills)) != len(fills)
         ):
             fail("occlusion_fills", f"a non-empty list of distinct {' / '.join(OCCLUSION_FILLS)}")
+        if self.occlusion_regions not in OCCLUSION_REGIONS:
+            fail("occlusion_regions", f"one of {', '.join(OCCLUSION_REGIONS)}")
         if self.cascade not in CASCADES:
             fail("cascade", f"one of {', '.join(CASCADES)}")
