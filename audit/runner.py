@@ -45,6 +45,7 @@ from audit.metrics.trust import occlusion_difference
 from audit.models.inference import use_channels_last
 from audit.models.io import read_state_dict, save_checkpoint, sha256
 from audit.models.mitigations import NEEDS_MASKS, MitigationError
+from audit.models.parallel import train_forked, worth_forking
 from audit.models.sources import Prepared, build_model, check_arch, prepare_model
 from audit.models.train import TrainConfig, train_model
 from audit.models.zoo import default_layer
@@ -99,6 +100,10 @@ class RunOptions:
     precision: str = "fp32"  # "bf16": bfloat16 autocast where it keeps the predictions identical
     progress: bool = True
     render: bool = True
+    # Train the models in forked processes of one thread each where there are at least as many
+    # models to train as threads, on the CPU (audit.models.parallel; `audit demo` turns it on).
+    # Trained weights depend on the thread count in their last bits, as any training's do.
+    parallel_training: bool = False
 
 
 class RunLog:
@@ -228,6 +233,7 @@ class Auditor:
         self.options = options
         self.device = resolve_device(options.device)
         self.workers = default_workers() if options.workers is None else options.workers
+        self.pretrained: dict[str, Any] = {}  # name -> (state dict, info, log lines)
 
     # -- data -----------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -373,6 +379,11 @@ class Auditor:
         """Load or train a model; a trained one is saved first, so a resumed run reuses it."""
         prepared = self.prepared[spec.name]
         model = prepared.model
+        if spec.name in self.pretrained:  # trained in its own process (train_in_processes)
+            state, info, lines = self.pretrained.pop(spec.name)
+            self.log.lines.extend(lines)
+            model.load_state_dict(state)
+            return model.to(self.device).eval(), info
         info: dict[str, Any] = {
             "arch": spec.arch,
             "source_kind": prepared.source.kind,
@@ -466,6 +477,24 @@ class Auditor:
         info["saved_checkpoint"] = f"models/{spec.name}.pt"
         info["saved_checkpoint_sha256"] = sha256(checkpoint)
         return model, info
+
+    def train_in_processes(self) -> None:
+        """Train the models that need training each in its own process, where that is faster
+        (RunOptions.parallel_training); obtain_model then takes their weights."""
+        specs = {
+            s.name: s
+            for s in self.config.model
+            if s.train_split and not s.checkpoint and s.name not in self.given
+        }
+        threads = torch.get_num_threads()
+        if not (self.options.parallel_training and worth_forking(len(specs), threads, self.device)):
+            return
+
+        def train(name: str) -> tuple[nn.Module, dict[str, Any]]:
+            self.options.progress = False  # in the child: two progress bars would garble
+            return self.obtain_model(specs[name])
+
+        self.pretrained = train_forked(list(specs), train, self.log.lines, threads)
 
     # -- map ---------------------------------------------------------------------------------
     def map_spec(self, spec: ModelConfig) -> MapSpec:
@@ -761,6 +790,7 @@ class Auditor:
         extras: dict[str, dict[str, Any]] = {}
         self.trust_positions = trust_sample(len(self.eval_rows), config.trust, config.seed)
         self.probes: dict[str, dict[str, Any]] = {}
+        self.train_in_processes()
         for spec in config.model:
             tables[spec.name], infos[spec.name], extras[spec.name] = self.audit_model(spec, gallery)
         images = set.intersection(*(set(t["image"] + "\0" + t["split"]) for t in tables.values()))
