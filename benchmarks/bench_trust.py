@@ -18,8 +18,9 @@ beside the wall time, being steadier on a shared machine. Extra `--trust KEY=VAL
 measures instead, in this process, the CPU seconds per image of each check on the first 8 test
 images (the maps of both methods, one measured cascade step, deletion / insertion at 20 steps,
 occlusion of every region and union with both fills) and prints what a `[trust]` table costs
-from them (forward and explanation passes counted per image), for the defaults and for the
-defaults before the stage streamed (256 / 64 samples, every one of the cascade's steps, 20 steps).
+from them (forward and explanation passes counted per image): for the defaults, for the defaults
+with every region and both fills occluded, and for 256 / 64 samples with every one of the
+cascade's steps, 20 steps, every region and both fills.
 """
 
 from __future__ import annotations
@@ -148,7 +149,15 @@ def unit_costs(manifest_path: Path, arch: str, image_size: int, n: int) -> None:
     n_steps = len(cascade_steps(model, "block"))
     old = TrustConfig(samples=256, faithfulness_samples=64, randomization_samples=256, steps=20)
     old.cascade_cuts = n_steps
-    for label, config in (("defaults before streaming", old), ("defaults", TrustConfig())):
+    old.occlusion_regions, old.occlusion_fills = "all", ["mean", "blur"]
+    every = TrustConfig(occlusion_regions="all", occlusion_fills=["mean", "blur"])
+    tables = (
+        ("256 / 64 samples, every cascade step, 20 steps, every region, both fills", old),
+        ("defaults with every region and both fills", every),
+        ("defaults", TrustConfig()),
+    )
+    for label, config in tables:
+        occluded = len(unions) if config.occlusion_regions == "unions" else len(masks)
         cuts = min(config.cascade_cuts, n_steps)
         r = min(config.randomization_samples, config.samples)
         f = min(config.faithfulness_samples, config.samples)
@@ -158,7 +167,7 @@ def unit_costs(manifest_path: Path, arch: str, image_size: int, n: int) -> None:
             * (3 + 2 * (len(methods) + 1) * (config.steps - 1))
             * per["faithfulness_forward"],
             "occlusion": config.samples
-            * (1 + 2 * len(config.occlusion_fills) * len(masks))
+            * (1 + 2 * len(config.occlusion_fills) * occluded)
             * per["occlusion_forward"],
         }
         shown = ", ".join(f"{k} {v:.0f}" for k, v in parts.items())

@@ -172,3 +172,43 @@ def test_only_the_unions_are_occluded_by_default(tmp_path) -> None:
         direct["regions"]["protected"]["mean"]["effect"],
         atol=1e-9,
     )
+
+
+def test_randomization_stops_when_every_interval_is_clear_of_the_threshold(tmp_path) -> None:
+    """At 8 images every method's interval lies below 0.5: the test stops there (and gives what
+    the test gives on those 8); with the threshold inside an interval it goes on to 16."""
+    torch.manual_seed(0)
+    model = SmallCNN(2).eval()
+    spec = MapSpec(layer="features", regions=REGIONS, unions={}, batch_size=64)
+    images = torch.stack([Made()[i]["image"] for i in range(20)])
+    args = (np.array(["a", "b"] * 10), np.array(["x"] * 20), METHODS)
+
+    def run(threshold: float, folder: str) -> dict:
+        config = TrustConfig(
+            samples=20, randomization_samples=16, randomization_min_samples=8,
+            faithfulness_samples=4, steps=2, cascade_cuts=1, batch_size=8,
+            max_randomized_correlation=threshold,
+        )  # fmt: skip
+        return run_trust(
+            "m", model, spec, Made(), np.arange(20), *args, config, 200, 0,
+            tmp_path / folder, torch.device("cpu"),
+        )[0]  # fmt: skip
+
+    clear = run(0.5, "clear")
+    assert clear["n_randomization_images"] == 8
+    direct, _ = randomization_test(
+        model, images[:8], METHODS, threshold=0.5, n_boot=200, seed=0, layer="features", cuts=1
+    )
+    for method in METHODS:
+        ours = clear["methods"][method]["randomization"]["final_spearman"]
+        assert ours["ci_high"] < 0.5
+        for key in ("value", "ci_low", "ci_high"):
+            assert ours[key] == pytest.approx(direct[method]["final_spearman"][key], abs=1e-9)
+    inside = clear["methods"]["gradcam"]["randomization"]["final_spearman"]["value"]
+    unclear = run(inside, "unclear")
+    assert unclear["n_randomization_images"] == 16
+    direct, _ = randomization_test(
+        model, images[:16], METHODS, threshold=inside, n_boot=200, seed=0, layer="features", cuts=1
+    )
+    ours = unclear["methods"]["gradcam"]["randomization"]["final_spearman"]
+    assert ours["value"] == pytest.approx(direct["gradcam"]["final_spearman"]["value"], abs=1e-9)

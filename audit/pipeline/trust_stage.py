@@ -22,6 +22,7 @@ the same controls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from audit.metrics.trust import (
 from audit.metrics.trust.faithfulness import merge_curves
 from audit.metrics.trust.occlusion import merge_occlusion
 from audit.metrics.trust.ops import eval_mode
-from audit.metrics.trust.randomization import absolute_maps, merge_cascades
+from audit.metrics.trust.randomization import CascadeResult, absolute_maps, merge_cascades
 from audit.pipeline.frames import FrameDataset
 from audit.pipeline.map import MapSpec, loader, release_free_memory
 from audit.report.overlays import heat_overlay
@@ -89,6 +90,26 @@ def occluded_regions(
     return regions, present
 
 
+def decided(
+    parts: list[CascadeResult], methods: list[str], config: TrustConfig, n_boot: int, seed: int
+) -> bool:
+    """Enough images for the randomization test: at least `randomization_min_samples`, and every
+    method's bootstrap 95% interval of the final rank correlation wholly below or wholly above
+    the threshold (so more images would not change the verdict but for a 5% chance)."""
+    n = sum(p.targets.shape[0] for p in parts)
+    if n < config.randomization_min_samples or n_boot == 0:
+        return False
+    cascade = merge_cascades(parts)
+    weights = resample_weights(n, n_boot, seed)
+    threshold = config.max_randomized_correlation
+    for method in methods:
+        final = randomization_summary(cascade, method, threshold, weights)["final_spearman"]
+        low, high = final["ci_low"], final["ci_high"]
+        if low is None or high is None or low <= threshold <= high:
+            return False
+    return True
+
+
 def _check_batch(
     model: nn.Module,
     spec: MapSpec,
@@ -97,38 +118,55 @@ def _check_batch(
     config: TrustConfig,
     seed: int,
     methods: list[str],
+    enough: Callable[[list[CascadeResult]], bool],
 ) -> dict[str, Any]:
-    """Every check on one batch: {"randomization": ..., "faithfulness": ..., "occlusion": ...}
-    (a check whose sample ends before this batch is absent); `span` is (the batch's first sample
-    position, how many of its images the randomization and faithfulness samples hold)."""
+    """Every check on one batch: {"randomization": [cascade per chunk], "faithfulness": ...,
+    "occlusion": ...} (a check whose sample ends before this batch is absent); `span` is (the
+    batch's first sample position, how many of its images the randomization and faithfulness
+    samples hold). The randomization test runs on chunks of `randomization_min_samples` images
+    until `enough` of the chunks so far (this batch's appended to the earlier ones)."""
     images = batch["image"]
     device = images.device
     start, n_random, n_faith = span
     size = min(config.batch_size, spec.batch_size)
     out: dict[str, Any] = {}
-    need = max(n_random, n_faith)
-    if need:
+    maps: list[tuple[dict[str, Tensor], Tensor]] = []  # the original maps, chunk by chunk
+    parts = []
+    chunk = config.randomization_min_samples
+    for first in range(0, n_random, chunk):
+        if enough(parts):
+            break
+        last = min(first + chunk, n_random)
         with eval_mode(model):
-            heats, targets = absolute_maps(model, images[:need], methods, spec.layer, size)
-    if n_random:
-        out["randomization"] = randomization_cascade(
-            model,
-            images[:n_random],
-            methods,
-            layer=spec.layer,
-            cascade=config.cascade,
-            seed=seed,
-            batch_size=size,
-            cuts=config.cascade_cuts,
-            original=({m: h[:n_random] for m, h in heats.items()}, targets[:n_random]),
+            maps.append(absolute_maps(model, images[first:last], methods, spec.layer, size))
+        parts.append(
+            randomization_cascade(
+                model,
+                images[first:last],
+                methods,
+                layer=spec.layer,
+                cascade=config.cascade,
+                seed=seed,
+                batch_size=size,
+                cuts=config.cascade_cuts,
+                original=maps[-1],
+            )
         )
-        if start > 0:
-            out["randomization"].strip = {}  # the figure is the first image's: keep numbers only
+        if start + first > 0:
+            parts[-1].strip = {}  # the figure is the first image's: keep numbers only
+    if parts:
+        out["randomization"] = parts
+    done = sum(len(t) for _, t in maps)
+    if n_faith > done:
+        with eval_mode(model):
+            maps.append(absolute_maps(model, images[done:n_faith], methods, spec.layer, size))
     if n_faith:
+        heats = {m: torch.cat([h[m] for h, _ in maps])[:n_faith] for m in methods}
+        targets = torch.cat([t for _, t in maps])
         out["faithfulness"] = deletion_insertion(
             model,
             images[:n_faith],
-            {m: h[:n_faith] for m, h in heats.items()},
+            heats,
             steps=config.steps,
             baseline=config.deletion_baseline,
             blur_sigma=config.blur_sigma,
@@ -174,6 +212,11 @@ def run_trust(
     k_faith = min(config.faithfulness_samples, n)
     size = min(config.batch_size, spec.batch_size)
     parts: dict[str, list[Any]] = {"randomization": [], "faithfulness": [], "occlusion": []}
+    randomized: list[CascadeResult] = []
+
+    def enough(more: list[CascadeResult]) -> bool:
+        return decided(randomized + more, methods, config, n_boot, seed)
+
     first_image = None
     start = 0
     for batch in loader(Subset(dataset, positions.tolist()), size, 0, device):
@@ -183,12 +226,15 @@ def run_trust(
             methods = _applicable(model, batch["image"][:1], methods, spec.layer)
         end = start + len(batch["image"])
         span = (start, max(0, min(end, k_random) - start), max(0, min(end, k_faith) - start))
-        for check, result in _check_batch(model, spec, batch, span, config, seed, methods).items():
+        checks = _check_batch(model, spec, batch, span, config, seed, methods, enough)
+        randomized.extend(checks.pop("randomization", []))
+        for check, result in checks.items():
             parts[check].append(result)
         del batch
         release_free_memory()
         start = end
-    cascade = merge_cascades(parts["randomization"])
+    cascade = merge_cascades(randomized)
+    k_random = cascade.targets.shape[0]
     random_weights = resample_weights(k_random, n_boot, seed)
     randomization = {
         m: randomization_summary(cascade, m, config.max_randomized_correlation, random_weights)

@@ -5,7 +5,9 @@
 enabled = true                    # false: no trust checks
 samples = 64                      # seeded sample of the evaluation split; occlusion runs on all
 faithfulness_samples = 16         # the first of those that deletion / insertion runs on (costly)
-randomization_samples = 32        # the first of those that the randomization test runs on
+randomization_samples = 32        # the first of those that the randomization test runs on, at most
+randomization_min_samples = 16    # it stops at this many (or a multiple) once each method's 95%
+                                  # interval lies wholly on one side of the threshold
 cascade_cuts = 4                  # maps measured after this many evenly spaced cascade steps
 max_randomized_correlation = 0.5  # a method passes when its Spearman after the full cascade is below
 steps = 10                        # deletion/insertion steps (10 = 10% of the pixels per step)
@@ -53,6 +55,7 @@ class TrustConfig:
     samples: int = 64
     faithfulness_samples: int = 16
     randomization_samples: int = 32
+    randomization_min_samples: int = 16
     cascade_cuts: int = 4
     max_randomized_correlation: float = 0.5
     steps: int = 10
@@ -75,6 +78,7 @@ class TrustConfig:
             "samples",
             "faithfulness_samples",
             "randomization_samples",
+            "randomization_min_samples",
             "cascade_cuts",
             "steps",
             "batch_size",
