@@ -63,6 +63,8 @@ def write_config(
 [data]
 manifest = "{manifest}"
 image_size = {image_size}
+protected_regions = ["hair", "face"]
+core_regions = ["stethoscope", "badge"]
 [[model]]
 name = "m"
 arch = "{arch}"
