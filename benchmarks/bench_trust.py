@@ -21,6 +21,13 @@ occlusion of every region and union with both fills) and prints what a `[trust]`
 from them (forward and explanation passes counted per image): for the defaults, for the defaults
 with every region and both fills occluded, and for 256 / 64 samples with every one of the
 cascade's steps, 20 steps, every region and both fills.
+
+    python benchmarks/bench_trust.py --stage AUDIT_TOML --out DIR [--trust KEY=VALUE ...]
+
+runs the trust stage alone, as the audit runs it (same sample, seeds and settings), for each
+model of an audit config (loaded from its checkpoints), on one thread, and prints its CPU and
+wall seconds per model; DIR/metrics.json holds each model's trust block, for
+benchmarks/compare_trust.py (run it once with the code before a change and once after).
 """
 
 from __future__ import annotations
@@ -176,6 +183,48 @@ def unit_costs(manifest_path: Path, arch: str, image_size: int, n: int) -> None:
         print(f"  {label}: about {sum(parts.values()):.0f} CPU s per model ({shown})", flush=True)
 
 
+def trust_stage_only(config_path: Path, out: Path, trust: dict[str, str]) -> None:
+    """The trust stage of every model of an audit config, one thread, timed; metrics to `out`."""
+    import json
+
+    from audit.config import load_config
+    from audit.metrics.aggregate import groups_of
+    from audit.pipeline.trust_stage import run_trust, trust_sample
+    from audit.runner import Auditor, RunLog, RunOptions, _clean_nan
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    for key, value in trust.items():
+        setattr(config.trust, key, json.loads(value))
+    config.trust.check()
+    out.mkdir(parents=True, exist_ok=True)
+    auditor = Auditor(config, out, RunLog(lambda _: None), RunOptions(device="cpu"))
+    auditor.preflight()
+    auditor.load_data()
+    rows = auditor.eval_rows
+    sample = trust_sample(len(rows), config.trust, config.seed)
+    metrics: dict = {"models": {}}
+    for spec in config.model:
+        model, _ = auditor.obtain_model(spec)
+        map_spec = auditor.map_spec(spec)
+        dataset = auditor.dataset(spec, rows, regions=map_spec.regions)
+        with auditor.prepared[spec.name].preprocess.attach(model):
+            cpu, wall = time.process_time(), time.perf_counter()
+            block, _, _ = run_trust(
+                spec.name, model, map_spec, dataset, sample, groups_of(rows.iloc[sample]),
+                rows["label"].to_numpy()[sample], config.explain.methods, config.trust,
+                config.bootstrap, config.seed, out / "overlays", auditor.device,
+            )  # fmt: skip
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        metrics["models"][spec.name] = {"trust": _clean_nan(block)}
+        print(
+            f"{spec.name}: trust stage {cpu:.1f} CPU s ({wall:.1f} s wall, one thread); "
+            f"randomization on {block['n_randomization_images']} images",
+            flush=True,
+        )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -186,7 +235,14 @@ def main() -> None:
     parser.add_argument("--trust", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only", choices=["on", "off"], help="run one of the two audits")
     parser.add_argument("--unit-costs", type=int, metavar="N", help="per-image costs on N images")
+    parser.add_argument("--stage", type=Path, metavar="AUDIT_TOML", help="time the trust stage")
+    parser.add_argument("--out", type=Path, help="with --stage: where metrics.json goes")
     args = parser.parse_args()
+    if args.stage:
+        if args.out is None:
+            parser.error("--stage needs --out DIR")
+        trust_stage_only(args.stage, args.out, dict(item.split("=", 1) for item in args.trust))
+        return
     if args.unit_costs:
         for arch in args.archs:
             unit_costs(args.data, arch, args.image_size, args.unit_costs)
