@@ -37,7 +37,10 @@ def main() -> None:
     config = from_dict(demo_config(args.manifest.resolve(), 0))
     auditor = Auditor(config, Path("unused"), RunLog(lambda _: None), RunOptions(device="cpu"))
     auditor.load_data()
-    initial = {s.name: auditor.prepared[s.name].model.state_dict() for s in config.model}
+    initial = {
+        s.name: {k: v.clone() for k, v in auditor.prepared[s.name].model.state_dict().items()}
+        for s in config.model
+    }
 
     def train(spec: object) -> float:
         model = auditor.prepared[spec.name].model
