@@ -6,18 +6,14 @@ enabled = true                    # false: no trust checks
 samples = 64                      # seeded sample of the evaluation split; occlusion runs on all
 faithfulness_samples = 16         # the first of those that deletion / insertion runs on (costly)
 randomization_samples = 32        # the first of those that the randomization test runs on, at most
-randomization_min_samples = 16    # it stops at this many (or a multiple) once each method's 95%
-                                  # interval lies wholly on one side of the threshold
+randomization_min_samples = 16    # it stops at this many (or a multiple) once every method's 95% CI is clear of the threshold
 cascade_cuts = 4                  # maps measured after this many evenly spaced cascade steps
 max_randomized_correlation = 0.5  # a method passes when its Spearman after the full cascade is below
 steps = 10                        # deletion/insertion steps (10 = 10% of the pixels per step)
 deletion_baseline = "zero"        # what deleted pixels become: "zero" (black), "blur" or "mean"
 blur_sigma = 5.0                  # pixels; the blurred image insertion starts from and "blur" fills
-occlusion_fills = ["mean"]        # region occlusion: "mean" (the image's mean colour, read by the
-                                  # gate) and / or "blur" (its blurred self)
-occlusion_regions = "unions"      # "unions": the protected and core unions (what the gate and the
-                                  # report read; every region when the config names neither);
-                                  # "all": every annotated region as well
+occlusion_fills = ["mean"]        # "mean" (the image's mean colour; the gate reads it) and / or "blur"
+occlusion_regions = "unions"      # "unions": protected and core (all regions if neither is named); "all": each one too
 cascade = "block"                 # randomization step: "block" (a layer and its norm) or "module"
 batch_size = 32                   # images explained per pass (at most explain.batch_size)
 ```
