@@ -34,7 +34,7 @@ from audit.pipeline.discover import discover_model
 from audit.pipeline.frames import ImageDecodeError
 from audit.pipeline.gallery import choose_gallery, choose_mistakes, explain_gallery
 from audit.pipeline.map_stage import map_model, sample_table
-from audit.pipeline.obtain import found_layer, obtain_model, validity_probe
+from audit.pipeline.obtain import found_layer, obtain_model, train_in_processes, validity_probe
 from audit.pipeline.plan import (
     GivenModel,
     ManifestSource,
@@ -76,6 +76,7 @@ def audit_models(ctx: RunContext) -> dict[str, Any]:
     eval_rows = plan.eval_rows.reset_index(drop=True)
     gallery = choose_gallery(eval_rows, config.explain.samples_per_cell, config.seed)
     trust_positions = trust_sample(len(eval_rows), config.trust, config.seed)
+    train_in_processes(ctx)
     results = {spec.name: audit_model(ctx, spec, gallery, trust_positions) for spec in config.model}
     tables = sample_tables(results)
     metrics, per_cell = run_metrics(ctx, results, tables, gallery)

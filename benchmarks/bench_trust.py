@@ -18,8 +18,16 @@ beside the wall time, being steadier on a shared machine. Extra `--trust KEY=VAL
 measures instead, in this process, the CPU seconds per image of each check on the first 8 test
 images (the maps of both methods, one measured cascade step, deletion / insertion at 20 steps,
 occlusion of every region and union with both fills) and prints what a `[trust]` table costs
-from them (forward and explanation passes counted per image), for the defaults and for the
-defaults before the stage streamed (256 / 64 samples, every one of the cascade's steps, 20 steps).
+from them (forward and explanation passes counted per image): for the defaults, for the defaults
+with every region and both fills occluded, and for 256 / 64 samples with every one of the
+cascade's steps, 20 steps, every region and both fills.
+
+    python benchmarks/bench_trust.py --stage AUDIT_TOML --out DIR [--trust KEY=VALUE ...]
+
+runs the trust stage alone, as the audit runs it (same sample, seeds and settings), for each
+model of an audit config (loaded from its checkpoints), on one thread, and prints its CPU and
+wall seconds per model; DIR/metrics.json holds each model's trust block, for
+benchmarks/compare_trust.py (run it once with the code before a change and once after).
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ def write_config(
 [data]
 manifest = "{manifest}"
 image_size = {image_size}
+protected_regions = ["hair", "face"]
+core_regions = ["stethoscope", "badge"]
 [[model]]
 name = "m"
 arch = "{arch}"
@@ -148,7 +158,15 @@ def unit_costs(manifest_path: Path, arch: str, image_size: int, n: int) -> None:
     n_steps = len(cascade_steps(model, "block"))
     old = TrustConfig(samples=256, faithfulness_samples=64, randomization_samples=256, steps=20)
     old.cascade_cuts = n_steps
-    for label, config in (("defaults before streaming", old), ("defaults", TrustConfig())):
+    old.occlusion_regions, old.occlusion_fills = "all", ["mean", "blur"]
+    every = TrustConfig(occlusion_regions="all", occlusion_fills=["mean", "blur"])
+    tables = (
+        ("256 / 64 samples, every cascade step, 20 steps, every region, both fills", old),
+        ("defaults with every region and both fills", every),
+        ("defaults", TrustConfig()),
+    )
+    for label, config in tables:
+        occluded = len(unions) if config.occlusion_regions == "unions" else len(masks)
         cuts = min(config.cascade_cuts, n_steps)
         r = min(config.randomization_samples, config.samples)
         f = min(config.faithfulness_samples, config.samples)
@@ -158,11 +176,53 @@ def unit_costs(manifest_path: Path, arch: str, image_size: int, n: int) -> None:
             * (3 + 2 * (len(methods) + 1) * (config.steps - 1))
             * per["faithfulness_forward"],
             "occlusion": config.samples
-            * (1 + 2 * len(config.occlusion_fills) * len(masks))
+            * (1 + 2 * len(config.occlusion_fills) * occluded)
             * per["occlusion_forward"],
         }
         shown = ", ".join(f"{k} {v:.0f}" for k, v in parts.items())
         print(f"  {label}: about {sum(parts.values()):.0f} CPU s per model ({shown})", flush=True)
+
+
+def trust_stage_only(config_path: Path, out: Path, trust: dict[str, str]) -> None:
+    """The trust stage of every model of an audit config, one thread, timed; metrics to `out`."""
+    import json
+
+    from audit.config import load_config
+    from audit.metrics.aggregate import groups_of
+    from audit.pipeline.trust_stage import run_trust, trust_sample
+    from audit.runner import Auditor, RunLog, RunOptions, _clean_nan
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    for key, value in trust.items():
+        setattr(config.trust, key, json.loads(value))
+    config.trust.check()
+    out.mkdir(parents=True, exist_ok=True)
+    auditor = Auditor(config, out, RunLog(lambda _: None), RunOptions(device="cpu"))
+    auditor.preflight()
+    auditor.load_data()
+    rows = auditor.eval_rows
+    sample = trust_sample(len(rows), config.trust, config.seed)
+    metrics: dict = {"models": {}}
+    for spec in config.model:
+        model, _ = auditor.obtain_model(spec)
+        map_spec = auditor.map_spec(spec)
+        dataset = auditor.dataset(spec, rows, regions=map_spec.regions)
+        with auditor.prepared[spec.name].preprocess.attach(model):
+            cpu, wall = time.process_time(), time.perf_counter()
+            block, _, _ = run_trust(
+                spec.name, model, map_spec, dataset, sample, groups_of(rows.iloc[sample]),
+                rows["label"].to_numpy()[sample], config.explain.methods, config.trust,
+                config.bootstrap, config.seed, out / "overlays", auditor.device,
+            )  # fmt: skip
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        metrics["models"][spec.name] = {"trust": _clean_nan(block)}
+        print(
+            f"{spec.name}: trust stage {cpu:.1f} CPU s ({wall:.1f} s wall, one thread); "
+            f"randomization on {block['n_randomization_images']} images",
+            flush=True,
+        )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
 
 def main() -> None:
@@ -175,7 +235,14 @@ def main() -> None:
     parser.add_argument("--trust", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only", choices=["on", "off"], help="run one of the two audits")
     parser.add_argument("--unit-costs", type=int, metavar="N", help="per-image costs on N images")
+    parser.add_argument("--stage", type=Path, metavar="AUDIT_TOML", help="time the trust stage")
+    parser.add_argument("--out", type=Path, help="with --stage: where metrics.json goes")
     args = parser.parse_args()
+    if args.stage:
+        if args.out is None:
+            parser.error("--stage needs --out DIR")
+        trust_stage_only(args.stage, args.out, dict(item.split("=", 1) for item in args.trust))
+        return
     if args.unit_costs:
         for arch in args.archs:
             unit_costs(args.data, arch, args.image_size, args.unit_costs)

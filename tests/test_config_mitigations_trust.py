@@ -55,6 +55,10 @@ def test_resolved_mitigation_keys():
         ),
         ({"steps": -3}, "trust.steps"),
         ({"faithfulness_samples": 0}, "trust.faithfulness_samples"),
+        (
+            {"occlusion_regions": "hair"},
+            "trust.occlusion_regions must be one of unions, all, got 'hair'",
+        ),
     ],
 )
 def test_bad_trust_keys_are_one_line_errors(trust, message):

@@ -118,3 +118,89 @@ def test_faithfulness_and_occlusion_are_those_of_each_batch(streamed) -> None:
             )
     assert np.isnan(columns["occlusion_effect:mean:face"][::3]).all()  # absent: no value
     assert len(columns["occlusion_drop:mean:hair"]) == 20
+
+
+def test_only_the_unions_are_occluded_by_default(tmp_path) -> None:
+    """The default occludes the unions the gate and report read; their figures (controls drawn per
+    region name, off every annotated region) are those of occluding every region."""
+    torch.manual_seed(0)
+    model = SmallCNN(2).eval()
+    spec = MapSpec(layer="features", regions=REGIONS, unions={"protected": REGIONS}, batch_size=64)
+    results = {}
+    for which in ("unions", "all"):
+        config = TrustConfig(
+            samples=10, randomization_samples=2, faithfulness_samples=2, steps=2, cascade_cuts=1,
+            batch_size=8, occlusion_regions=which,
+        )  # fmt: skip
+        args = (np.array(["a", "b"] * 5), np.array(["x"] * 10), ["gradcam"], config, 20, 0)
+        results[which] = run_trust(
+            "m", model, spec, Made(), np.arange(10), *args, tmp_path / which, torch.device("cpu")
+        )
+    assert TrustConfig().occlusion_fills == ["mean"]
+    assert TrustConfig().occlusion_regions == "unions"
+    (block, columns, raw), (_, all_columns, all_raw) = results["unions"], results["all"]
+    assert set(raw["regions"]) == {"protected"}
+    assert set(all_raw["regions"]) == {"hair", "face", "protected"}
+    assert set(block["occlusion"]) == {"no_control", "protected"}
+    for key, values in columns.items():
+        np.testing.assert_array_equal(values, all_columns[key])
+    np.testing.assert_array_equal(
+        raw["control_offsets"]["protected"], all_raw["control_offsets"]["protected"]
+    )
+    # By hand: the union's mask is hair | face (MapSpec.region_tensors), present where either is.
+    masks = torch.stack([Made()[i]["regions"] for i in range(8)])
+    present = torch.stack([Made()[i]["present"] for i in range(8)])
+    direct = region_occlusion(
+        model,
+        torch.stack([Made()[i]["image"] for i in range(8)]),
+        {"protected": masks.any(dim=1)},
+        {"protected": present.any(dim=1)},
+        fills=["mean"],
+        seed=batch_seed(0, 0),
+        avoid=masks.any(dim=1),
+    )
+    np.testing.assert_allclose(
+        columns["occlusion_effect:mean:protected"][:8],
+        direct["regions"]["protected"]["mean"]["effect"],
+        atol=1e-9,
+    )
+
+
+def test_randomization_stops_when_every_interval_is_clear_of_the_threshold(tmp_path) -> None:
+    """At 8 images every method's interval lies below 0.5: the test stops there (and gives what
+    the test gives on those 8); with the threshold inside an interval it goes on to 16."""
+    torch.manual_seed(0)
+    model = SmallCNN(2).eval()
+    spec = MapSpec(layer="features", regions=REGIONS, unions={}, batch_size=64)
+    images = torch.stack([Made()[i]["image"] for i in range(20)])
+    args = (np.array(["a", "b"] * 10), np.array(["x"] * 20), METHODS)
+
+    def run(threshold: float, folder: str) -> dict:
+        config = TrustConfig(
+            samples=20, randomization_samples=16, randomization_min_samples=8,
+            faithfulness_samples=4, steps=2, cascade_cuts=1, batch_size=8,
+            max_randomized_correlation=threshold,
+        )  # fmt: skip
+        return run_trust(
+            "m", model, spec, Made(), np.arange(20), *args, config, 200, 0,
+            tmp_path / folder, torch.device("cpu"),
+        )[0]  # fmt: skip
+
+    clear = run(0.5, "clear")
+    assert clear["n_randomization_images"] == 8
+    direct, _ = randomization_test(
+        model, images[:8], METHODS, threshold=0.5, n_boot=200, seed=0, layer="features", cuts=1
+    )
+    for method in METHODS:
+        ours = clear["methods"][method]["randomization"]["final_spearman"]
+        assert ours["ci_high"] < 0.5
+        for key in ("value", "ci_low", "ci_high"):
+            assert ours[key] == pytest.approx(direct[method]["final_spearman"][key], abs=1e-9)
+    inside = clear["methods"]["gradcam"]["randomization"]["final_spearman"]["value"]
+    unclear = run(inside, "unclear")
+    assert unclear["n_randomization_images"] == 16
+    direct, _ = randomization_test(
+        model, images[:16], METHODS, threshold=inside, n_boot=200, seed=0, layer="features", cuts=1
+    )
+    ours = unclear["methods"]["gradcam"]["randomization"]["final_spearman"]
+    assert ours["value"] == pytest.approx(direct["gradcam"]["final_spearman"]["value"], abs=1e-9)

@@ -48,6 +48,10 @@ class RunOptions:
     precision: str = "fp32"  # "bf16": bfloat16 autocast where it keeps the predictions identical
     progress: bool = True
     render: bool = True
+    # Train the models in forked processes of one thread each where there are at least as many
+    # models to train as threads, on the CPU (audit.models.parallel; `audit demo` turns it on).
+    # Trained weights depend on the thread count in their last bits, as any training's do.
+    parallel_training: bool = False
 
 
 class RunLog:
@@ -152,6 +156,9 @@ class RunContext:
     plan: RunPlan
     work: Path
     log: RunLog
+    # Models trained ahead in their own processes (obtain.train_in_processes): name -> (state
+    # dict, info, log lines); obtain_model takes each one out.
+    pretrained: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -4,7 +4,9 @@ For each model, on the same `[trust] samples` images of the evaluation split (de
 model's frame): the cascading model-parameter randomization test of every method (Adebayo et al.)
 on the first `randomization_samples` of them, deletion and insertion against a random order
 (Petsiuk et al.) on the first `faithfulness_samples`, and region occlusion against a same-shaped
-control (the causal test) on all of them. The figures go into `metrics.models.<name>.trust`, the
+control (the causal test) on all of them, of the protected and core unions by default
+(`occlusion_regions`: what the gate and the report read; each occluded region and fill costs two
+forwards per image). The figures go into `metrics.models.<name>.trust`, the
 per-image occlusion columns into samples.csv, and the randomization strip of one image into
 overlays/trust/.
 
@@ -20,6 +22,7 @@ the same controls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +48,7 @@ from audit.metrics.trust import (
 from audit.metrics.trust.faithfulness import merge_curves
 from audit.metrics.trust.occlusion import merge_occlusion
 from audit.metrics.trust.ops import eval_mode
-from audit.metrics.trust.randomization import absolute_maps, merge_cascades
+from audit.metrics.trust.randomization import CascadeResult, absolute_maps, merge_cascades
 from audit.pipeline.frames import FrameDataset
 from audit.pipeline.map import MapSpec, loader, release_free_memory
 from audit.report.overlays import heat_overlay
@@ -80,6 +83,39 @@ def _applicable(
     return methods
 
 
+def occluded_regions(
+    spec: MapSpec, batch: dict[str, Tensor], which: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Masks and presence of the regions to occlude (on the batch's device): `which` "unions" keeps
+    the protected / core unions where the config names any (every region where it names none),
+    "all" every region and union. Controls avoid every annotated region either way."""
+    regions, present = spec.region_tensors(batch, batch["image"].device)
+    if which == "unions" and spec.unions:
+        regions = {name: regions[name] for name in spec.unions}
+        present = {name: present[name] for name in spec.unions}
+    return regions, present
+
+
+def decided(
+    parts: list[CascadeResult], methods: list[str], config: TrustConfig, n_boot: int, seed: int
+) -> bool:
+    """Enough images for the randomization test: at least `randomization_min_samples`, and every
+    method's bootstrap 95% interval of the final rank correlation wholly below or wholly above
+    the threshold (so more images would not change the verdict but for a 5% chance)."""
+    n = sum(p.targets.shape[0] for p in parts)
+    if n < config.randomization_min_samples or n_boot == 0:
+        return False
+    cascade = merge_cascades(parts)
+    weights = resample_weights(n, n_boot, seed)
+    threshold = config.max_randomized_correlation
+    for method in methods:
+        final = randomization_summary(cascade, method, threshold, weights)["final_spearman"]
+        low, high = final["ci_low"], final["ci_high"]
+        if low is None or high is None or low <= threshold <= high:
+            return False
+    return True
+
+
 def _check_batch(
     model: nn.Module,
     spec: MapSpec,
@@ -88,38 +124,55 @@ def _check_batch(
     config: TrustConfig,
     seed: int,
     methods: list[str],
+    enough: Callable[[list[CascadeResult]], bool],
 ) -> dict[str, Any]:
-    """Every check on one batch: {"randomization": ..., "faithfulness": ..., "occlusion": ...}
-    (a check whose sample ends before this batch is absent); `span` is (the batch's first sample
-    position, how many of its images the randomization and faithfulness samples hold)."""
+    """Every check on one batch: {"randomization": [cascade per chunk], "faithfulness": ...,
+    "occlusion": ...} (a check whose sample ends before this batch is absent); `span` is (the
+    batch's first sample position, how many of its images the randomization and faithfulness
+    samples hold). The randomization test runs on chunks of `randomization_min_samples` images
+    until `enough` of the chunks so far (this batch's appended to the earlier ones)."""
     images = batch["image"]
     device = images.device
     start, n_random, n_faith = span
     size = min(config.batch_size, spec.batch_size)
     out: dict[str, Any] = {}
-    need = max(n_random, n_faith)
-    if need:
+    maps: list[tuple[dict[str, Tensor], Tensor]] = []  # the original maps, chunk by chunk
+    parts = []
+    chunk = config.randomization_min_samples
+    for first in range(0, n_random, chunk):
+        if enough(parts):
+            break
+        last = min(first + chunk, n_random)
         with eval_mode(model):
-            heats, targets = absolute_maps(model, images[:need], methods, spec.layer, size)
-    if n_random:
-        out["randomization"] = randomization_cascade(
-            model,
-            images[:n_random],
-            methods,
-            layer=spec.layer,
-            cascade=config.cascade,
-            seed=seed,
-            batch_size=size,
-            cuts=config.cascade_cuts,
-            original=({m: h[:n_random] for m, h in heats.items()}, targets[:n_random]),
+            maps.append(absolute_maps(model, images[first:last], methods, spec.layer, size))
+        parts.append(
+            randomization_cascade(
+                model,
+                images[first:last],
+                methods,
+                layer=spec.layer,
+                cascade=config.cascade,
+                seed=seed,
+                batch_size=size,
+                cuts=config.cascade_cuts,
+                original=maps[-1],
+            )
         )
-        if start > 0:
-            out["randomization"].strip = {}  # the figure is the first image's: keep numbers only
+        if start + first > 0:
+            parts[-1].strip = {}  # the figure is the first image's: keep numbers only
+    if parts:
+        out["randomization"] = parts
+    done = sum(len(t) for _, t in maps)
+    if n_faith > done:
+        with eval_mode(model):
+            maps.append(absolute_maps(model, images[done:n_faith], methods, spec.layer, size))
     if n_faith:
+        heats = {m: torch.cat([h[m] for h, _ in maps])[:n_faith] for m in methods}
+        targets = torch.cat([t for _, t in maps])
         out["faithfulness"] = deletion_insertion(
             model,
             images[:n_faith],
-            {m: h[:n_faith] for m, h in heats.items()},
+            heats,
             steps=config.steps,
             baseline=config.deletion_baseline,
             blur_sigma=config.blur_sigma,
@@ -129,7 +182,7 @@ def _check_batch(
         )
     if "regions" not in batch:  # a labels-only data set: no region to occlude
         return out
-    regions, present = spec.region_tensors(batch, device)
+    regions, present = occluded_regions(spec, batch, config.occlusion_regions)
     out["occlusion"] = region_occlusion(
         model,
         images,
@@ -180,6 +233,11 @@ def run_trust(
     k_faith = min(config.faithfulness_samples, n)
     size = min(config.batch_size, spec.batch_size)
     parts: dict[str, list[Any]] = {"randomization": [], "faithfulness": [], "occlusion": []}
+    randomized: list[CascadeResult] = []
+
+    def enough(more: list[CascadeResult]) -> bool:
+        return decided(randomized + more, methods, config, n_boot, seed)
+
     first_image = None
     start = 0
     for batch in loader(Subset(dataset, positions.tolist()), size, 0, device):
@@ -189,12 +247,15 @@ def run_trust(
             methods = _applicable(model, batch["image"][:1], methods, spec.layer)
         end = start + len(batch["image"])
         span = (start, max(0, min(end, k_random) - start), max(0, min(end, k_faith) - start))
-        for check, result in _check_batch(model, spec, batch, span, config, seed, methods).items():
+        checks = _check_batch(model, spec, batch, span, config, seed, methods, enough)
+        randomized.extend(checks.pop("randomization", []))
+        for check, result in checks.items():
             parts[check].append(result)
         del batch
         release_free_memory()
         start = end
-    cascade = merge_cascades(parts["randomization"])
+    cascade = merge_cascades(randomized)
+    k_random = cascade.targets.shape[0]
     random_weights = resample_weights(k_random, n_boot, seed)
     randomization = {
         m: randomization_summary(cascade, m, config.max_randomized_correlation, random_weights)
