@@ -23,13 +23,10 @@ MAX_PARAMETERS = 6
 # "path:function" -> why it still takes more than MAX_PARAMETERS.
 ALLOWED_PARAMETERS = {
     "audit/metrics/trust/faithfulness.py:_curve": (
-        "the trust checks' inner deletion / insertion loop; its module is being reworked for speed"
+        "deletion / insertion's inner loop over one batch's tensors (ends, ranks, counts, targets)"
     ),
     "audit/metrics/trust/randomization.py:_heats": (
-        "the trust checks' inner randomization loop; its module is being reworked for speed"
-    ),
-    "audit/pipeline/trust_stage.py:_check_batch": (
-        "one trust batch through every check; the trust stage's body is being reworked for speed"
+        "the randomization test's inner map pass over one batch (model, images, methods, layer)"
     ),
     "audit/metrics/groups.py:_one": (
         "the per-attribute kernel of group_metrics, called once with arrays it already computed"

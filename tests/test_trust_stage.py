@@ -132,10 +132,9 @@ def test_only_the_unions_are_occluded_by_default(tmp_path) -> None:
             samples=10, randomization_samples=2, faithfulness_samples=2, steps=2, cascade_cuts=1,
             batch_size=8, occlusion_regions=which,
         )  # fmt: skip
-        args = (np.array(["a", "b"] * 5), np.array(["x"] * 10), ["gradcam"], config, 20, 0)
-        results[which] = run_trust(
-            "m", model, spec, Made(), np.arange(10), *args, tmp_path / which, torch.device("cpu")
-        )
+        sample = TrustSample(np.arange(10), np.array(["a", "b"] * 5), np.array(["x"] * 10))
+        job = TrustJob("m", ["gradcam"], config, 20, 0, tmp_path / which, torch.device("cpu"))
+        results[which] = run_trust(model, spec, Made(), sample, job)
     assert TrustConfig().occlusion_fills == ["mean"]
     assert TrustConfig().occlusion_regions == "unions"
     (block, columns, raw), (_, all_columns, all_raw) = results["unions"], results["all"]
@@ -173,7 +172,7 @@ def test_randomization_stops_when_every_interval_is_clear_of_the_threshold(tmp_p
     model = SmallCNN(2).eval()
     spec = MapSpec(layer="features", regions=REGIONS, unions={}, batch_size=64)
     images = torch.stack([Made()[i]["image"] for i in range(20)])
-    args = (np.array(["a", "b"] * 10), np.array(["x"] * 20), METHODS)
+    sample = TrustSample(np.arange(20), np.array(["a", "b"] * 10), np.array(["x"] * 20))
 
     def run(threshold: float, folder: str) -> dict:
         config = TrustConfig(
@@ -181,10 +180,8 @@ def test_randomization_stops_when_every_interval_is_clear_of_the_threshold(tmp_p
             faithfulness_samples=4, steps=2, cascade_cuts=1, batch_size=8,
             max_randomized_correlation=threshold,
         )  # fmt: skip
-        return run_trust(
-            "m", model, spec, Made(), np.arange(20), *args, config, 200, 0,
-            tmp_path / folder, torch.device("cpu"),
-        )[0]  # fmt: skip
+        job = TrustJob("m", METHODS, config, 200, 0, tmp_path / folder, torch.device("cpu"))
+        return run_trust(model, spec, Made(), sample, job)[0]
 
     clear = run(0.5, "clear")
     assert clear["n_randomization_images"] == 8

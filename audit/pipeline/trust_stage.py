@@ -23,7 +23,7 @@ the same controls.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,9 +121,7 @@ def _check_batch(
     spec: MapSpec,
     batch: dict[str, Tensor],
     span: tuple[int, int, int],
-    config: TrustConfig,
-    seed: int,
-    methods: list[str],
+    job: TrustJob,
     enough: Callable[[list[CascadeResult]], bool],
 ) -> dict[str, Any]:
     """Every check on one batch: {"randomization": [cascade per chunk], "faithfulness": ...,
@@ -131,6 +129,7 @@ def _check_batch(
     batch's first sample position, how many of its images the randomization and faithfulness
     samples hold). The randomization test runs on chunks of `randomization_min_samples` images
     until `enough` of the chunks so far (this batch's appended to the earlier ones)."""
+    config, seed, methods = job.config, job.seed, job.methods
     images = batch["image"]
     device = images.device
     start, n_random, n_faith = span
@@ -247,7 +246,8 @@ def run_trust(
             methods = _applicable(model, batch["image"][:1], methods, spec.layer)
         end = start + len(batch["image"])
         span = (start, max(0, min(end, k_random) - start), max(0, min(end, k_faith) - start))
-        checks = _check_batch(model, spec, batch, span, config, seed, methods, enough)
+        job = replace(job, methods=methods)  # the methods that apply to this model
+        checks = _check_batch(model, spec, batch, span, job, enough)
         randomized.extend(checks.pop("randomization", []))
         for check, result in checks.items():
             parts[check].append(result)
