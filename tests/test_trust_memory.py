@@ -41,7 +41,8 @@ class Made(torch.utils.data.Dataset):
 
 def trust(n, folder):
     config = TrustConfig(samples=n, faithfulness_samples=n, randomization_samples=n, steps=2,
-                         cascade_cuts=1, occlusion_fills=["mean"], batch_size=32)
+                         cascade_cuts=1, occlusion_fills=["mean"], batch_size=32,
+                         randomization_min_samples=n, occlusion_regions="all")
     spec = MapSpec(layer="features", regions=REGIONS, unions={"protected": REGIONS}, batch_size=32)
     positions = np.arange(n)
     sample = TrustSample(positions, np.array(["g"] * n), np.array(["x"] * n))
