@@ -43,6 +43,7 @@ from audit.models.zoo import SmallCNN
 from audit.pipeline.plan import TableManifest
 from audit.pipeline.rundir import RunFolderError, check_target, install
 from audit.report.junit import gate_text, write_junit
+from audit.report.words import gate_figure, threshold_text
 from audit.runner import AuditError, GivenModel, RunOptions, run_audit
 
 GIVEN = "(given in memory)"  # stands for train_split / checkpoint while a dict config is checked
@@ -406,11 +407,15 @@ def summary_html(metrics: dict[str, Any], folder: Path) -> str:
         )
     rows = []
     for gate in metrics["gates"]:
-        value = "n/a" if gate["value"] is None else f"{gate['value']:.3f}"
-        if gate.get("ci_low") is not None and gate.get("ci_high") is not None:
-            value += f" [{gate['ci_low']:.3f}, {gate['ci_high']:.3f}]"
+        value = gate_figure(gate)  # the report's units and intervals
         status = gate.get("status") or ("pass" if gate["passed"] else "fail")
-        cells = [gate["model"], gate["label"], value, f"{gate['op']} {gate['threshold']}", status]
+        cells = [
+            gate["model"],
+            gate["label"],
+            value,
+            f"{gate['op']} {threshold_text(gate)}",
+            status,
+        ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = "".join(
         f"<th>{h}</th>" for h in ("model", "gate", "value [95% CI]", "must be", "status")

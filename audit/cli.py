@@ -434,6 +434,7 @@ def check(run_dir: Path, junit: Path | None) -> None:
     from audit.metrics.gates import evaluate_gates
     from audit.metrics.validity import STATUS_ORDER, apply_to_gates
     from audit.report.junit import write_junit
+    from audit.report.words import gate_figure, threshold_text
 
     if not run_dir.exists():
         raise BadInput(f"{run_dir} is not a finished audit run: folder not found")
@@ -452,13 +453,12 @@ def check(run_dir: Path, junit: Path | None) -> None:
         raise BadInput(f"{run_dir}: unreadable run files: {error}") from None
     failed = 0
     for row in rows:
-        value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
         status = "PASS" if row["passed"] else "FAIL"
         status = row["status"].upper() if row.get("status") in STATUS_ORDER else status
         source = " (default)" if row.get("source") == "default" else ""
-        click.echo(
-            f"{status} {row['model']}: {row['label']} = {value} "
-            f"(must be {row['op']} {row['threshold']}{source})"
+        click.echo(  # the report's units: percent for shares and accuracies, points for gaps
+            f"{status} {row['model']}: {row['label']} = {gate_figure(row, interval=False)} "
+            f"(must be {row['op']} {threshold_text(row)}{source})"
         )
         failed += not row["passed"]
     if not rows:

@@ -21,6 +21,7 @@ from audit.cli import main
 from audit.data.manifest import ManifestError, read_manifest
 from audit.models.io import save_checkpoint
 from audit.models.zoo import SmallCNN
+from audit.report.words import gate_figure, threshold_text
 from audit.runner import AuditError, RunOptions
 from tests.conftest import write_config
 
@@ -186,8 +187,8 @@ def test_gates_passed_and_the_assertion_message(given_run, tmp_path):
     lines = message.splitlines()[1:]
     assert len(lines) == len(failed)
     for line, row in zip(lines, failed, strict=True):
-        assert line.strip().startswith(f"{row['model']}: {row['label']} = {row['value']:.4f}")
-        assert f"must be {row['op']} {row['threshold']}" in line
+        assert line.strip().startswith(f"{row['model']}: {row['label']} = {gate_figure(row)}")
+        assert f"must be {row['op']} {threshold_text(row)}" in line
     # The same run with every gate row passing passes.
     folder = tmp_path / "passing"
     folder.mkdir()
@@ -222,8 +223,9 @@ def test_junit_xml_from_the_api_and_audit_check(given_run, tmp_path):
             failures = [r for r in case.result if isinstance(r, Failure)]
             assert bool(failures) == (not row["passed"])
             if failures:
-                assert f"{row['value']:.4f}" in failures[0].message
-                assert f"{row['op']} {row['threshold']}" in failures[0].message
+                # In the report's units: 0.85 is "85%", a gap of 0.05 "5 pts".
+                assert gate_figure(row) in failures[0].message
+                assert f"{row['op']} {100 * row['threshold']:g}" in failures[0].message
     cli = tmp_path / "reports" / "cli.xml"
     invoked = CliRunner().invoke(main, ["check", str(result.folder), "--junit", str(cli)])
     assert invoked.exit_code == 1, invoked.output

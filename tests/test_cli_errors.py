@@ -239,12 +239,12 @@ def test_check_applies_the_recorded_gates_and_names_defaults(tmp_path):
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     result = invoke("check", run)
     assert result.exit_code == 0, result.output  # the failing worst-group gate was left out
-    assert result.output.strip() == "PASS m: counterfactual flip rate = 0.1500 (must be <= 0.2)"
+    assert result.output.strip() == "PASS m: counterfactual flip rate = 15.0% (must be <= 20%)"
     config = from_dict(MODEL)
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     result = invoke("check", run)
     assert result.exit_code == 1
-    assert "FAIL m: worst-group accuracy = 0.5000 (must be >= 0.85 (default))" in result.output
+    assert "FAIL m: worst-group accuracy = 50.0% (must be >= 85% (default))" in result.output
 
 
 # -- 8. small ones ----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from audit.report.words import gate_figure, threshold_text
+
 
 def case_name(row: Mapping[str, Any]) -> str:
     """The test case's name: the gate's key, with the attribute it was measured on if any."""
@@ -21,18 +23,14 @@ def case_name(row: Mapping[str, Any]) -> str:
 
 
 def gate_text(row: Mapping[str, Any]) -> str:
-    """One line for a gate row: model, gate, value with its interval, the limit and the status."""
+    """One line for a gate row: model, gate, value with its interval, the limit and the status, in
+    the report's units (percent for shares and accuracies, points for gaps and effects)."""
     value = row.get("value")
-    if value is None:
-        measured = "n/a (could not be measured)"
-    else:
-        measured = f"{value:.4f}"
-        if row.get("ci_low") is not None and row.get("ci_high") is not None:
-            measured += f" (95% CI {row['ci_low']:.4f} to {row['ci_high']:.4f})"
+    measured = "n/a (could not be measured)" if value is None else gate_figure(dict(row))
     status = row.get("status") or ("pass" if row["passed"] else "fail")
     line = (
-        f"{row['model']}: {row['label']} = {measured}, must be {row['op']} {row['threshold']} "
-        f"[{status}]"
+        f"{row['model']}: {row['label']} = {measured}, must be {row['op']} "
+        f"{threshold_text(dict(row))} [{status}]"
     )
     return f"{line}: {row['note']}" if status == "not trusted" and row.get("note") else line
 
