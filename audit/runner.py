@@ -41,12 +41,15 @@ from audit.metrics.aggregate import groups_of
 from audit.metrics.bootstrap import resample_weights
 from audit.metrics.gates import evaluate_gates, verdicts
 from audit.metrics.groups import cell_rows
+from audit.metrics.harm import judge_harm
 from audit.metrics.trust import occlusion_difference
+from audit.models.dfr import reweight_last_layer
 from audit.models.inference import use_channels_last
 from audit.models.io import read_state_dict, save_checkpoint, sha256
 from audit.models.mitigations import NEEDS_MASKS, MitigationError
+from audit.models.selection import check_inputs, train_selected
 from audit.models.sources import Prepared, build_model, check_arch, prepare_model
-from audit.models.train import TrainConfig, train_model
+from audit.models.train import TrainConfig
 from audit.models.zoo import default_layer
 from audit.pipeline import map as mapping
 from audit.pipeline.discover import DiscoveryInput, discover
@@ -308,6 +311,13 @@ class Auditor:
             for message in prepared.messages:
                 self.log(f"{spec.name}: {message}")
             self.prepared[spec.name] = prepared
+            try:  # DFR and selection need the val split's groups (audit.models.selection)
+                val = config.data.val_split
+                has_val = bool(val) and (table["split"] == val).any()
+                groups = list(table.loc[table["split"] == val, "group"]) if has_val else None
+                check_inputs(spec.mitigation_config(), prepared.model, len(self.classes), groups)
+            except MitigationError as error:
+                raise AuditError(f"model {spec.name!r}: {error}") from None
         self.eval_rows = self.manifest.split(config.data.eval_split)
         self.unions = {
             name: members
@@ -420,7 +430,7 @@ class Auditor:
                     self.config.data.protected_regions if mitigation.name in NEEDS_MASKS else None
                 )
                 with prepared.preprocess.attach(model):
-                    history = train_model(
+                    history = train_selected(
                         model,
                         self.dataset(
                             spec, train_rows, protected=protected, cache_bytes=TRAIN_CACHE_BYTES
@@ -437,17 +447,20 @@ class Auditor:
                         progress=self.options.progress,
                         device=self.device,
                     )
-                info["history"] = {
-                    "loss": history.loss,
-                    "val_accuracy": history.val_accuracy,
-                    "val_worst_group_accuracy": history.val_worst_group_accuracy,
-                }
+                info["history"] = history.record()
                 if history.group_weights is not None:
                     info["dro_group_weights"] = history.group_weights
                 if history.jtt_errors is not None:
                     info["jtt_errors"] = history.jtt_errors
                 self.log(f"{spec.name}: trained in {time.perf_counter() - started:.1f} s")
         model.to(self.device).eval()
+        if spec.mitigation == "dfr":  # the last layer retrained on the val split (audit.models.dfr)
+            with prepared.preprocess.attach(model):
+                val_set = self.dataset(spec, self.manifest.split(self.config.data.val_split))
+                info |= {"mitigation": "dfr", "dfr": reweight_last_layer(
+                    model, val_set, len(self.classes), seed=self.config.seed, device=self.device
+                )}  # fmt: skip
+            self.log(f"{spec.name}: DFR last layer refitted in {info['dfr']['seconds']:.1f} s")
         if not resumed:
             save_checkpoint(
                 model,
@@ -815,6 +828,7 @@ class Auditor:
             "gallery": [int(i) for i in gallery],
             "models": models,
             "comparisons": compare(tables, first, weights),
+            "mitigation_harm": judge_harm(tables, infos, first, weights),  # audit.metrics.harm
         }
         if config.trust.enabled:
             names = list(tables)
