@@ -4,6 +4,7 @@ same features and weights, the update done by hand, and paired differences count
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -311,3 +312,72 @@ def test_the_baseline_is_the_plain_model_of_the_same_split_or_checkpoint() -> No
     assert plain_baseline("jtt", infos) == "plain"
     assert plain_baseline("own_dfr", infos) == "own"
     assert plain_baseline("other_dfr", infos) == "balanced"  # the run's first model, plain
+
+
+# -- the report's mitigation section ------------------------------------------------------------
+def test_the_report_marks_a_harmful_mitigation_and_never_names_it_as_the_candidate(
+    tmp_path,
+) -> None:
+    from audit.report.render import build_context, render_html
+    from tests.test_report_trust import _model, _text, _trust, _with_mitigation, fake_run
+
+    classes = ["doctor", "nurse"]
+    specs = {  # name: (mitigation, worst group, share, flips, accuracy)
+        "plain": (None, 0.7, 0.4, 0.3, 0.80),
+        "rrr": ("right_reasons", 0.99, 0.1, 0.02, 0.99),  # the best figures, but harmful below
+        "jtt": ("jtt", 0.9, 0.1, 0.02, 0.93),
+    }
+    models = {
+        n: _with_mitigation(_model(classes, w, s, f, a), m) for n, (m, w, s, f, a) in specs.items()
+    }
+    for m in models.values():
+        m["trust"] = _trust({"gradcam": 0.1})
+    models["jtt"]["history"] = {
+        "val_worst_group_accuracy": [0.2, 0.8, 0.6],
+        "selection": {
+            "criterion": "validation worst class x group accuracy at the run's best epoch",
+            "grid": {"jtt_upweight": [6.0, 20.0]},
+            "patience": 0,
+            "chosen": {"jtt_upweight": 20.0},
+            "chosen_index": 1,
+            "candidates": [
+                {"values": {"jtt_upweight": 6.0}, "best_epoch": 3, "epochs_run": 3,
+                 "val_worst_group_accuracy": 0.5, "val_accuracy": 0.9, "curve": [0.1, 0.3, 0.5]},
+                {"values": {"jtt_upweight": 20.0}, "best_epoch": 2, "epochs_run": 3,
+                 "val_worst_group_accuracy": 0.8, "val_accuracy": 0.9, "curve": [0.2, 0.8, 0.6]},
+            ],
+        },
+    }  # fmt: skip
+    run = fake_run(tmp_path / "run", models, classes, gates={"min_worst_group_accuracy": 0.5})
+    metrics = json.loads((run / "metrics.json").read_text())
+    e = {"value": -0.2, "ci_low": -0.3, "ci_high": -0.1}
+    metrics["mitigation_harm"] = {
+        "rrr": {"baseline": "plain", "worst_group_accuracy_difference": e, "harmful": True,
+                "helps": False},
+        "jtt": {"baseline": "plain", "worst_group_accuracy_difference": e | {"value": 0.2,
+                "ci_low": 0.1, "ci_high": 0.3}, "harmful": False, "helps": True},
+    }  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert metrics["verdicts"]["rrr"] == "pass" and metrics["verdicts"]["jtt"] == "pass"
+    context = build_context(run)["mitigations"]
+    summary = _text(context["summary"])
+    assert summary == (
+        "Of the 2 mitigations tried, jtt (model jtt) passes every gate with the highest "
+        "accuracy: 93.0% [91.0–95.0]. Harmful, worse than plain training (worst group, paired "
+        "95% CI below 0): right_reasons (model rrr)."
+    )
+    assert context["harmful"] == ["rrr"]
+    rows = {r["model"]: r for r in context["rows"]}
+    assert rows["rrr"]["harm"]["status"] == "harmful" and rows["jtt"]["harm"]["status"] == "helps"
+    assert rows["plain"]["harm"] is None
+    assert rows["jtt"]["notes"] == [
+        "selected by validation worst-group accuracy over 2 run(s) (jtt_upweight in [6.0, 20.0]): "
+        "jtt_upweight = 20, epoch 2 of 3 (validation worst group 0.800)"
+    ]
+    assert context["curves"] is not None
+    page = render_html(run)
+    table = page.split('class="dense mitigations"', 1)[1].split("</table>", 1)[0]
+    row = table.split('<tr class="harmful">', 1)[1].split("</tr>", 1)[0]
+    assert "rrr" in row and "HARMFUL" in row
+    assert table.count("HARMFUL") == 1
+    assert summary in _text(page)

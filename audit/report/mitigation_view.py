@@ -61,8 +61,9 @@ def dfr_text(model: dict[str, Any]) -> str | None:
 
 
 def harm_summary(metrics: dict[str, Any]) -> Markup | None:
-    """Page one's sentence: the best non-harmful mitigation (by worst-group accuracy, passing
-    every gate first), and the harmful ones named as such."""
+    """Page one's sentence: among the mitigations that are not harmful, the one that passes every
+    gate with the highest accuracy, else the best worst-group accuracy; then the harmful ones,
+    named as such (never as candidates)."""
     models, verdicts = metrics["models"], metrics.get("verdicts", {})
     harm = metrics.get("mitigation_harm", {})
     tried = {n: sections.mitigation_of(m)[0] for n, m in models.items()}
@@ -71,29 +72,35 @@ def harm_summary(metrics: dict[str, Any]) -> Markup | None:
         return None
     harmful = [n for n in tried if harm.get(n, {}).get("harmful")]
     candidates = [n for n in tried if n not in harmful]
+    accuracy = {n: sections._lookup(models[n], "performance", "accuracy") or {} for n in tried}
     worst = {
-        n: (sections._lookup(models[n], "performance", "worst_group_accuracy") or {}) for n in tried
+        n: sections._lookup(models[n], "performance", "worst_group_accuracy") or {} for n in tried
     }
-    parts = []
-    if candidates:
-        passing = [n for n in candidates if verdicts.get(n) == "pass"]
-        pool = passing or candidates
-        best = max(pool, key=lambda n: worst[n].get("value") or 0.0)
-        lead = "passes every gate with" if passing else "passes no gate set but has"
-        parts.append(
-            Markup(
-                "Of the {} mitigations tried, {} (model {}) {} the best worst-group accuracy: {}."
-            ).format(len(tried), tried[best], best, lead, ci_html(worst[best], 1))
-        )
-    else:
-        parts.append(Markup("Every one of the {} mitigations tried is harmful.").format(len(tried)))
-    if harmful:
-        parts.append(
-            Markup("Harmful (worse than plain training, paired 95% CI below 0): {}.").format(
-                ", ".join(f"{tried[n]} (model {n})" for n in harmful)
-            )
-        )
-    return Markup(" ").join(parts)
+    passing = [n for n in candidates if verdicts.get(n) == "pass"]
+    if passing:
+        best = max(passing, key=lambda n: accuracy[n].get("value") or 0.0)
+        lead = Markup(
+            "Of the {} mitigations tried, {} (model {}) passes every gate with the highest "
+            "accuracy: {}."
+        ).format(len(tried), tried[best], best, ci_html(accuracy[best], 1))
+    elif candidates:
+        best = max(candidates, key=lambda n: worst[n].get("value") or 0.0)
+        among = "them" if not harmful else "those that are not harmful"
+        lead = Markup(
+            "None of the {} mitigations tried passes every gate; the best worst-group accuracy "
+            "among {} is {}'s (model {}): {}."
+        ).format(len(tried), among, tried[best], best, ci_html(worst[best], 1))
+    named = Markup(", ").join(Markup("{} (model {})").format(tried[n], n) for n in harmful)
+    if not candidates:
+        return Markup(
+            "Every one of the {} mitigations tried is harmful, worse than plain training "
+            "(worst group, paired 95% CI below 0): {}."
+        ).format(len(tried), named)
+    if not harmful:
+        return lead
+    return lead + Markup(
+        " Harmful, worse than plain training (worst group, paired 95% CI below 0): {}."
+    ).format(named)
 
 
 def curves_chart(metrics: dict[str, Any], colours: dict[str, str]) -> str | None:
