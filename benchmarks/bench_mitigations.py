@@ -139,9 +139,42 @@ def run_one(
     return record, model
 
 
+def table(paths: list[str]) -> str:
+    """A Markdown table of saved runs: per mitigation, each seed's test worst cell (and the
+    paired difference against plain with its 95% CI), the Grad-CAM share and occlusion effect on
+    hair + face, and time against plain."""
+    runs = [r for p in paths for r in json.loads(Path(p).read_text())]
+    lines = [
+        "| training | seed | test acc | worst cell [95% CI] | vs plain, worst cell [95% CI] "
+        "| hair+face Grad-CAM share | hair+face occlusion effect | CPU s (x plain) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = {n: i for i, n in enumerate(MITIGATIONS)}
+    for r in sorted(runs, key=lambda r: (order.get(r["name"], 99), r["seed"])):
+        low, high = r["worst_cell_ci"]
+        d = r.get("worst_cell_difference")
+        vs = (
+            f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            + (" harmful" if d["harmful"] else "")
+            if d
+            else "-"
+        )
+        chosen = (r.get("selection") or {}).get("chosen")
+        name = r["name"] + (f" ({json.dumps(chosen)})" if chosen else "")
+        name += f" (C {r['dfr']['C']})" if "dfr" in r else ""
+        lines.append(
+            f"| {name} | {r['seed']} | {r['accuracy']:.3f} | {r['worst_cell']} "
+            f"{r['worst_cell_accuracy']:.3f} [{low:.3f}, {high:.3f}] | {vs} | "
+            f"{r['protected_share']:.3f} | {r['occlusion_effect']:+.3f} | "
+            f"{r['cpu_seconds']:.1f} (x{r['time_vs_plain']:.3f}) |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("manifest")
+    parser.add_argument("manifest", nargs="?")
+    parser.add_argument("--table", nargs="+", default=None, help="print saved runs as Markdown")
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
@@ -149,7 +182,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
-
+    if args.table:
+        print(table(args.table))
+        return
+    if not args.manifest:
+        parser.error("the manifest is required (or --table FILE ...)")
     torch.set_num_threads(args.threads)
     manifest = read_manifest(args.manifest)
     classes = sorted(set(manifest.table["label"]))
