@@ -130,7 +130,9 @@ def run_one(
         record["config"] = {"mitigation": "dfr", "C": record["dfr"]["C"]}
         history = None
     else:
-        config = TrainConfig(epochs=args.epochs, seed=seed, mitigation=MitigationConfig(name))
+        grid = {k: [json.loads(v) for v in vs.split(",")] for k, vs in args.grid}
+        mitigation = MitigationConfig(name, grid=grid)
+        config = TrainConfig(epochs=args.epochs, seed=seed, mitigation=mitigation)
         history = train_selected(model, sets["train"], config, val=sets["val"], progress=False)
         record = {"config": MitigationConfig(name).resolved(), "selection": history.selection}
     record["cpu_seconds"] = time.process_time() - started
@@ -181,6 +183,13 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=MITIGATIONS, default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        type=lambda text: tuple(text.split("=", 1)),
+        help="KEY=v1,v2: this grid instead of the mitigation's default (repeatable)",
+    )
     args = parser.parse_args()
     if args.table:
         print(table(args.table))

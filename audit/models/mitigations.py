@@ -6,8 +6,9 @@ Each mitigation changes one thing of plain training (`audit.models.train.train_m
 - ``"group_balanced"``: the sampler draws every class x group cell equally often (weights
   1 / count(cell), with replacement, one epoch = as many draws as training images).
 - ``"group_dro"``: Group DRO (Sagawa et al., ICLR 2020, Algorithm 1) over the class x group cells:
-  online weights q_g <- q_g exp(eta loss_g), renormalised, loss = sum_g q_g loss_g, with strong
-  weight decay, over batches drawn like group_balanced's, as in the authors' released runs
+  online weights q_g <- q_g exp(eta (loss_g + C / sqrt(n_g))), renormalised (C: the
+  generalisation adjustment `dro_adjustment`), loss = sum_g q_g loss_g, with strong weight decay,
+  over batches drawn like group_balanced's, as in the authors' released runs
   (`--robust --reweight_groups`: the sampler only makes each cell's loss a mean over enough images).
 - ``"jtt"``: Just Train Twice (Liu et al., ICML 2021): a short plain model flags the training images
   it gets wrong; the final model (from the same initial weights) samples them `jtt_upweight` times
@@ -19,6 +20,8 @@ Each mitigation changes one thing of plain training (`audit.models.train.train_m
   mitigation has one strength key): cross-entropy plus attention_lambda * the share of the Grad-CAM
   mass (for the true class, at `attention_layer`) that falls on the protected regions, computed
   differentiably during training.
+- ``"dfr"``: Deep Feature Reweighting (Kirichenko et al., ICLR 2023): plain training (or a given
+  model), then the last layer refitted on the validation split (`audit.models.dfr`).
 
 Everything here is batched torch; the hand-checkable pieces (`balanced_weights`, `jtt_weights`,
 `GroupDRO`, `rrr_penalty`, `gradcam_share_penalty`) are public so tests can check them directly.
@@ -75,30 +78,14 @@ class MitigationError(ValueError):
 
 @dataclass
 class MitigationConfig:
-    """Which mitigation to train with, and its hyperparameters (only the chosen one's keys matter).
+    """Which mitigation to train with, its hyperparameters (only the chosen one's keys matter)
+    and how it is selected on validation (`select`, `grid`, `patience`: audit.models.selection).
 
-    Where the defaults come from (benchmarks/bench_mitigations.py, SmallCNN, 20 epochs, chosen on
-    `val` worst class x group cell, never on `test`; README "Mitigations: from finding to fix").
-    The evidence set has a Waterbirds-strength bias (95% / 95%, 40 images per minority cell); on
-    the default doctor/nurse set (78% / 93%) plain training for 20 epochs is right in every cell.
-
-    - group_balanced (no key): test worst cell 0.84 / 0.85 / 0.995 over seeds 0-2, against plain
-      training's 0.675 / 0.795 / 0.93 with the same seeds.
-    - JTT: 5 first-model epochs, errors drawn x6: 0.915 / 0.96 / 0.98 (val 0.89 for seed 0); x20,
-      about the set's majority / minority ratio, is better on val (0.99) and test (1.00, seed 0)
-      and is what examples/mitigations.toml uses; the default stays 6 (chosen on the default
-      set, where it gave 1.00 in every test cell, and repeated in audit.config). The
-      paper's CelebA setting (1 epoch, x50) is degenerate here: after one epoch SmallCNN is still
-      at chance, so its "errors" are a random half of the set.
-    - Group DRO: eta 0.01, weight decay 0.1 (val worst cell 0.63; 1e-4 gave 0.64, a tie). Even
-      with the authors' group-balanced batches it leaves chance late and ends at test worst cell
-      0.54 (seed 0): it does not work here in 20 epochs.
-    - attention_penalty: lambda 0.1: test worst cell 0.795 (seed 0), hair+face Grad-CAM share 0.02
-      (area 0.10): the penalty optimises the very map the audit reads, so that share is no
-      independent evidence.
-    - right_reasons: does NOT work. rrr_lambda 10 (default set) and 100 (95% set, the penalty's
-      gradient then matching cross-entropy's at initialisation) both give a shortcut model (test
-      minority cells 0.02-0.025 at 100). The default stays 10; Ross et al.'s code uses 1000.
+    The defaults are the papers' settings where they carry over (Group DRO's eta 0.01 and strong
+    weight decay; DFR's C grid in audit.models.dfr); the rest are searched over DEFAULT_GRIDS by
+    validation worst-group accuracy. docs/mitigations.md has the measured results
+    (benchmarks/bench_mitigations.py) and what was changed in Group DRO and Right for the Right
+    Reasons after reading the authors' released code.
     """
 
     name: str = "none"
