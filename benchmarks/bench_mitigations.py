@@ -145,14 +145,14 @@ def table(paths: list[str]) -> str:
     """A Markdown table of saved runs: per mitigation, each seed's test worst cell (and the
     paired difference against plain with its 95% CI), the Grad-CAM share and occlusion effect on
     hair + face, and time against plain."""
-    runs = [r for p in paths for r in json.loads(Path(p).read_text())]
+    runs = [r | {"file": Path(p).stem} for p in paths for r in json.loads(Path(p).read_text())]
     lines = [
-        "| training | seed | test acc | worst cell [95% CI] | vs plain, worst cell [95% CI] "
+        "| file | training | seed | test acc | worst cell [95% CI] | vs plain, worst cell [95% CI] "
         "| hair+face Grad-CAM share | hair+face occlusion effect | CPU s (x plain) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {n: i for i, n in enumerate(MITIGATIONS)}
-    for r in sorted(runs, key=lambda r: (order.get(r["name"], 99), r["seed"])):
+    for r in sorted(runs, key=lambda r: (r["file"], order.get(r["name"], 99), r["seed"])):
         low, high = r["worst_cell_ci"]
         d = r.get("worst_cell_difference")
         vs = (
@@ -165,7 +165,7 @@ def table(paths: list[str]) -> str:
         name = r["name"] + (f" ({json.dumps(chosen)})" if chosen else "")
         name += f" (C {r['dfr']['C']})" if "dfr" in r else ""
         lines.append(
-            f"| {name} | {r['seed']} | {r['accuracy']:.3f} | {r['worst_cell']} "
+            f"| {r['file']} | {name} | {r['seed']} | {r['accuracy']:.3f} | {r['worst_cell']} "
             f"{r['worst_cell_accuracy']:.3f} [{low:.3f}, {high:.3f}] | {vs} | "
             f"{r['protected_share']:.3f} | {r['occlusion_effect']:+.3f} | "
             f"{r['cpu_seconds']:.1f} (x{r['time_vs_plain']:.3f}) |"
