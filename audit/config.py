@@ -122,6 +122,10 @@ class ModelConfig:
     rrr_lambda: float = MitigationConfig.rrr_lambda  # right_reasons: input-gradient penalty
     attention_lambda: float = MitigationConfig.attention_lambda  # attention_penalty: penalty weight
     attention_layer: str = ""  # "" in TOML; MitigationConfig's None (the last feature map)
+    dro_adjustment: float = MitigationConfig.dro_adjustment  # group_dro: C of C / sqrt(n_g)
+    select: str = MitigationConfig.select  # auto | on | off: choose by val worst-group accuracy
+    grid: dict = field(default_factory=dict)  # hyperparameter -> values tried; {}: the defaults
+    patience: int = MitigationConfig.patience  # stop after N epochs without a better val score
 
     def mitigation_config(self) -> MitigationConfig:
         """This model's mitigation with its hyperparameters."""
@@ -134,6 +138,10 @@ class ModelConfig:
             rrr_lambda=self.rrr_lambda,
             attention_lambda=self.attention_lambda,
             attention_layer=self.attention_layer or None,
+            dro_adjustment=self.dro_adjustment,
+            select=self.select,
+            grid=dict(self.grid),
+            patience=self.patience,
         )
 
 
@@ -293,7 +301,7 @@ def check(config: AuditConfig) -> None:
         raise ConfigError("no [[model]] table: an audit needs at least one model")
     names = [m.name for m in config.model]
     for i, model in enumerate(config.model):
-        if model.mitigation != "none" and not model.train_split:
+        if model.mitigation not in ("none", "dfr") and not model.train_split:
             raise ConfigError(
                 f"model {model.name!r}: mitigation {model.mitigation!r} is a way of training; "
                 "it needs train_split"

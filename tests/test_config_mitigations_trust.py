@@ -42,6 +42,7 @@ def test_resolved_mitigation_keys():
         "mitigation": "group_dro",
         "dro_eta": 0.05,
         "dro_weight_decay": spec.dro_weight_decay,
+        "dro_adjustment": spec.dro_adjustment,
     }
 
 

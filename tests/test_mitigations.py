@@ -199,9 +199,15 @@ def test_the_audit_configs_defaults_are_the_mitigation_defaults() -> None:
     from audit.config import ModelConfig
 
     names = [f.name for f in dataclasses.fields(MitigationConfig) if f.name != "name"]
-    model = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in names}
+    model = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in names
+    }
     defaults = MitigationConfig()
-    assert model == {key: getattr(defaults, key) or "" for key in names}
+    assert model == {
+        key: "" if key == "attention_layer" else getattr(defaults, key) for key in names
+    }
 
 
 def test_train_model_refuses_a_split_without_groups_or_masks() -> None:

@@ -75,6 +75,7 @@ def test_run_folder_contents(small_run, small_dataset):
         "gallery",
         "models",
         "comparisons",
+        "mitigation_harm",
         "gates",
         "verdicts",
         "validity",

@@ -6,8 +6,9 @@ Each mitigation changes one thing of plain training (`audit.models.train.train_m
 - ``"group_balanced"``: the sampler draws every class x group cell equally often (weights
   1 / count(cell), with replacement, one epoch = as many draws as training images).
 - ``"group_dro"``: Group DRO (Sagawa et al., ICLR 2020, Algorithm 1) over the class x group cells:
-  online weights q_g <- q_g exp(eta loss_g), renormalised, loss = sum_g q_g loss_g, with strong
-  weight decay, over batches drawn like group_balanced's, as in the authors' released runs
+  online weights q_g <- q_g exp(eta (loss_g + C / sqrt(n_g))), renormalised (C: the
+  generalisation adjustment `dro_adjustment`), loss = sum_g q_g loss_g, with strong weight decay,
+  over batches drawn like group_balanced's, as in the authors' released runs
   (`--robust --reweight_groups`: the sampler only makes each cell's loss a mean over enough images).
 - ``"jtt"``: Just Train Twice (Liu et al., ICML 2021): a short plain model flags the training images
   it gets wrong; the final model (from the same initial weights) samples them `jtt_upweight` times
@@ -19,6 +20,8 @@ Each mitigation changes one thing of plain training (`audit.models.train.train_m
   mitigation has one strength key): cross-entropy plus attention_lambda * the share of the Grad-CAM
   mass (for the true class, at `attention_layer`) that falls on the protected regions, computed
   differentiably during training.
+- ``"dfr"``: Deep Feature Reweighting (Kirichenko et al., ICLR 2023): plain training (or a given
+  model), then the last layer refitted on the validation split (`audit.models.dfr`).
 
 Everything here is batched torch; the hand-checkable pieces (`balanced_weights`, `jtt_weights`,
 `GroupDRO`, `rrr_penalty`, `gradcam_share_penalty`) are public so tests can check them directly.
@@ -26,18 +29,47 @@ Everything here is batched torch; the hand-checkable pieces (`balanced_weights`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MITIGATIONS = ("none", "group_balanced", "group_dro", "jtt", "right_reasons", "attention_penalty")
+MITIGATIONS = (
+    "none",
+    "group_balanced",
+    "group_dro",
+    "jtt",
+    "right_reasons",
+    "attention_penalty",
+    "dfr",
+)
 NEEDS_GROUPS = ("group_balanced", "group_dro")
 NEEDS_MASKS = ("right_reasons", "attention_penalty")
+SELECT_MODES = ("auto", "on", "off")
+# Each mitigation's own hyperparameters (what resolved() reports and a grid may vary).
+OWN_KEYS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "group_balanced": (),
+    "group_dro": ("dro_eta", "dro_weight_decay", "dro_adjustment"),
+    "jtt": ("jtt_epochs", "jtt_upweight"),
+    "right_reasons": ("rrr_lambda",),
+    "attention_penalty": ("attention_lambda", "attention_layer"),
+    "dfr": (),
+}
+TRAINING_KEYS = ("lr", "weight_decay")  # TrainConfig values a grid may vary too
+# The grids tried when a model gives none: two or three values per mitigation, from the papers'
+# own searches, small enough for a CPU (each point is one training run).
+DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "group_dro": {"dro_adjustment": [0.0, 2.0]},
+    "jtt": {"jtt_upweight": [6.0, 20.0]},
+    "right_reasons": {"rrr_lambda": [1.0, 10.0]},
+    "attention_penalty": {"attention_lambda": [0.1, 1.0]},
+}
 
 
 class MitigationError(ValueError):
@@ -46,30 +78,14 @@ class MitigationError(ValueError):
 
 @dataclass
 class MitigationConfig:
-    """Which mitigation to train with, and its hyperparameters (only the chosen one's keys matter).
+    """Which mitigation to train with, its hyperparameters (only the chosen one's keys matter)
+    and how it is selected on validation (`select`, `grid`, `patience`: audit.models.selection).
 
-    Where the defaults come from (benchmarks/bench_mitigations.py, SmallCNN, 20 epochs, chosen on
-    `val` worst class x group cell, never on `test`; README "Mitigations: from finding to fix").
-    The evidence set has a Waterbirds-strength bias (95% / 95%, 40 images per minority cell); on
-    the default doctor/nurse set (78% / 93%) plain training for 20 epochs is right in every cell.
-
-    - group_balanced (no key): test worst cell 0.84 / 0.85 / 0.995 over seeds 0-2, against plain
-      training's 0.675 / 0.795 / 0.93 with the same seeds.
-    - JTT: 5 first-model epochs, errors drawn x6: 0.915 / 0.96 / 0.98 (val 0.89 for seed 0); x20,
-      about the set's majority / minority ratio, is better on val (0.99) and test (1.00, seed 0)
-      and is what examples/mitigations.toml uses; the default stays 6 (chosen on the default
-      set, where it gave 1.00 in every test cell, and repeated in audit.config). The
-      paper's CelebA setting (1 epoch, x50) is degenerate here: after one epoch SmallCNN is still
-      at chance, so its "errors" are a random half of the set.
-    - Group DRO: eta 0.01, weight decay 0.1 (val worst cell 0.63; 1e-4 gave 0.64, a tie). Even
-      with the authors' group-balanced batches it leaves chance late and ends at test worst cell
-      0.54 (seed 0): it does not work here in 20 epochs.
-    - attention_penalty: lambda 0.1: test worst cell 0.795 (seed 0), hair+face Grad-CAM share 0.02
-      (area 0.10): the penalty optimises the very map the audit reads, so that share is no
-      independent evidence.
-    - right_reasons: does NOT work. rrr_lambda 10 (default set) and 100 (95% set, the penalty's
-      gradient then matching cross-entropy's at initialisation) both give a shortcut model (test
-      minority cells 0.02-0.025 at 100). The default stays 10; Ross et al.'s code uses 1000.
+    The defaults are the papers' settings where they carry over (Group DRO's eta 0.01 and strong
+    weight decay; DFR's C grid in audit.models.dfr); the rest are searched over DEFAULT_GRIDS by
+    validation worst-group accuracy. docs/mitigations.md has the measured results
+    (benchmarks/bench_mitigations.py) and what was changed in Group DRO and Right for the Right
+    Reasons after reading the authors' released code.
     """
 
     name: str = "none"
@@ -77,8 +93,9 @@ class MitigationConfig:
     # uses 0.01 over ~10^4-10^5 steps; a 20-epoch run on 1,600 images has ~500 steps.
     dro_eta: float = 0.01
     # Group DRO: AdamW's (decoupled) weight decay, replacing TrainConfig.weight_decay. The paper
-    # finds strong L2 (1.0 with SGD) essential for worst-group generalisation.
-    dro_weight_decay: float = 0.1
+    # finds strong L2 (1.0 with SGD, its Waterbirds and CelebA setting) essential for
+    # worst-group generalisation; 1.0 here too (AdamW shrinks by lr * 1.0 per step).
+    dro_weight_decay: float = 1.0
     # JTT: epochs of the first (identification) model, and how much more often its errors are
     # drawn (chosen on val, see above).
     jtt_epochs: int = 5
@@ -88,6 +105,18 @@ class MitigationConfig:
     # Grad-CAM penalty: strength, and the layer it is computed at (None: the last conv feature map).
     attention_lambda: float = 0.1
     attention_layer: str | None = None
+    # Group DRO: the generalisation adjustment C of Sagawa et al. (section 3.3 and their
+    # released loss.py): C / sqrt(n_g) is added to each group's loss in the update of q, so
+    # small groups, whose training loss understates their test loss, get more weight.
+    dro_adjustment: float = 0.0
+    # Model selection (audit.models.selection): "auto" selects for every mitigation but plain
+    # training when the validation split has group labels, "on" always (an error without
+    # them), "off" never. `grid` maps hyperparameter names (the mitigation's own keys, "lr",
+    # "weight_decay") to the values tried; empty: DEFAULT_GRIDS. `patience`: stop a run after
+    # that many epochs without a better validation worst-group accuracy (0: train every epoch).
+    select: str = "auto"
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    patience: int = 0
 
     def check(self, has_groups: bool, has_masks: bool) -> None:
         """Raise a one-line MitigationError for an unknown name, a value out of range, or a
@@ -113,6 +142,8 @@ class MitigationConfig:
             raise MitigationError(
                 f"attention_layer must be a layer name, got {self.attention_layer!r}"
             )
+        _non_negative("dro_adjustment", self.dro_adjustment)
+        self._check_selection()
         if self.name in NEEDS_GROUPS and not has_groups:
             raise MitigationError(
                 f"mitigation {self.name!r} needs a group label for every image of the training split"
@@ -124,15 +155,45 @@ class MitigationConfig:
 
     def resolved(self) -> dict[str, Any]:
         """The chosen mitigation and only its own hyperparameters (for config.json and the report)."""
-        keys = {
-            "none": (),
-            "group_balanced": (),
-            "group_dro": ("dro_eta", "dro_weight_decay"),
-            "jtt": ("jtt_epochs", "jtt_upweight"),
-            "right_reasons": ("rrr_lambda",),
-            "attention_penalty": ("attention_lambda", "attention_layer"),
-        }[self.name]
+        keys = OWN_KEYS[self.name]
         return {"mitigation": self.name} | {key: getattr(self, key) for key in keys}
+
+    def with_values(self, values: dict[str, Any]) -> MitigationConfig:
+        """A copy with some of the mitigation's own hyperparameters replaced (one grid point)."""
+        own = {k: v for k, v in values.items() if k in OWN_KEYS[self.name]}
+        return dataclasses.replace(self, **own)
+
+    def search_grid(self) -> dict[str, list[Any]]:
+        """The grid this mitigation is selected over: the configured one, else DEFAULT_GRIDS."""
+        return dict(self.grid) if self.grid else dict(DEFAULT_GRIDS.get(self.name, {}))
+
+    def _check_selection(self) -> None:
+        if self.select not in SELECT_MODES:
+            raise MitigationError(
+                f"select must be one of {', '.join(SELECT_MODES)}, got {self.select!r}"
+            )
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int):
+            raise MitigationError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if self.patience < 0:
+            raise MitigationError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if not isinstance(self.grid, dict):
+            raise MitigationError(f"grid must be a table of lists, got {self.grid!r}")
+        allowed = (*OWN_KEYS[self.name], *TRAINING_KEYS)
+        for key, values in self.grid.items():
+            if key not in allowed or (self.name == "group_dro" and key == "weight_decay"):
+                raise MitigationError(
+                    f"grid key {key!r} is not a hyperparameter of mitigation {self.name!r}; "
+                    f"choose from {', '.join(k for k in allowed if k != 'weight_decay' or self.name != 'group_dro')}"
+                )
+            if not isinstance(values, list) or not values:
+                raise MitigationError(f"grid.{key} must be a non-empty list, got {values!r}")
+            for value in values:
+                if key == "lr":
+                    _positive("grid.lr", value)
+                elif key == "weight_decay":
+                    _non_negative("grid.weight_decay", value)
+                else:
+                    dataclasses.replace(self, grid={}, **{key: value}).check(True, True)
 
 
 def _number(key: str, value: Any) -> None:
@@ -182,17 +243,32 @@ def jtt_weights(predictions: Tensor, labels: Tensor, upweight: float) -> Tensor:
 
 # -- Group DRO ------------------------------------------------------------------------------------
 class GroupDRO:
-    """The online group weights of Group DRO (Sagawa et al. 2020, Algorithm 1).
+    """The online group weights of Group DRO (Sagawa et al. 2020, Algorithm 1, with the
+    generalisation adjustment of their section 3.3 and released `loss.py`).
 
     Per batch: loss_g = mean loss of the batch's images in group g (0 for a group absent from the
     batch, as in the authors' code, which leaves its weight to shrink only by renormalisation);
-    q <- q * exp(eta * loss_g), q <- q / sum(q); the training loss is sum_g q_g loss_g.
+    q <- q * exp(eta * (loss_g + C / sqrt(n_g))), q <- q / sum(q), where n_g is the group's
+    number of training images and C the adjustment (0: none); the training loss is
+    sum_g q_g loss_g (the adjustment is a constant, so it only steers q).
     """
 
-    def __init__(self, num_groups: int, eta: float, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        num_groups: int,
+        eta: float,
+        device: torch.device | None = None,
+        adjustment: Tensor | None = None,
+    ) -> None:
         self.eta = eta
         self.num_groups = num_groups
         self.q = torch.full((num_groups,), 1.0 / num_groups, device=device)
+        self.adjustment = adjustment  # (num_groups,) C / sqrt(n_g), or None
+
+    @staticmethod
+    def adjustments(counts: Tensor, c: float) -> Tensor | None:
+        """C / sqrt(n_g) per group from the training counts; None when C is 0."""
+        return None if c == 0 else c / counts.double().sqrt()
 
     def group_losses(self, losses: Tensor, groups: Tensor) -> Tensor:
         """Mean of the per-image losses within each group; 0 where the batch has none."""
@@ -202,9 +278,12 @@ class GroupDRO:
         return sums / counts.clamp(min=1)
 
     def loss(self, losses: Tensor, groups: Tensor) -> Tensor:
-        """Update q from this batch's group losses and return the q-weighted loss."""
+        """Update q from this batch's (adjusted) group losses and return the q-weighted loss."""
         group_loss = self.group_losses(losses, groups)
-        q = self.q.to(losses.device) * torch.exp(self.eta * group_loss.detach())
+        steer = group_loss.detach()
+        if self.adjustment is not None:
+            steer = steer + self.adjustment.to(steer.device, steer.dtype)
+        q = self.q.to(losses.device) * torch.exp(self.eta * steer)
         self.q = q / q.sum()
         return (self.q * group_loss).sum()
 

@@ -60,6 +60,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
+    # Keep the weights of the epoch with the best validation worst-group accuracy (ties: the
+    # earliest), as the papers' early stopping does; `patience` > 0 also stops a run after that
+    # many epochs without improvement. Needs `val` with group labels.
+    select_epoch: bool = False
+    patience: int = 0
 
 
 @dataclass
@@ -76,6 +81,21 @@ class TrainHistory:
     group_weights: list[float] | None = None
     jtt_errors: int | None = None
     jtt_first: TrainHistory | None = None
+    best_epoch: int | None = None  # 1-based epoch whose weights were kept (select_epoch)
+    selection: dict | None = None  # the grid search's record (audit.models.selection)
+
+    def record(self) -> dict:
+        """What metrics.json keeps of a training run (the runner's `history`)."""
+        out: dict = {
+            "loss": self.loss,
+            "val_accuracy": self.val_accuracy,
+            "val_worst_group_accuracy": self.val_worst_group_accuracy,
+        }
+        if self.best_epoch is not None:
+            out["best_epoch"] = self.best_epoch
+        if self.selection is not None:
+            out["selection"] = self.selection
+        return out
 
 
 class TensorDictDataset(Dataset):
@@ -221,6 +241,32 @@ def worst_group_accuracy(correct: Tensor, labels: Tensor, groups: Tensor) -> flo
     return float((hits / torch.bincount(cells, minlength=num_cells)).min())
 
 
+class _BestEpoch:
+    """The weights of the epoch with the highest validation worst-group accuracy so far."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.seen = 0
+        self.epoch = 0
+        self.score = -math.inf
+        self.state: dict[str, Tensor] | None = None
+
+    def update(self, score: float, patience: int) -> bool:
+        """Record this epoch; True when `patience` epochs have passed without a better score."""
+        self.seen += 1
+        epoch = self.seen
+        if score > self.score:  # strictly better: ties keep the earlier epoch
+            self.score, self.epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return patience > 0 and epoch - self.epoch >= patience
+
+    def restore(self) -> int:
+        """Load the best epoch's weights into the model; its 1-based number."""
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+        return self.epoch
+
+
 def _seeds(seed: int) -> tuple[int, int]:
     """Two independent seeds (sampler, augmentation) derived from the run's seed."""
     base = torch.Generator().manual_seed(seed)
@@ -312,7 +358,10 @@ def train_model(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * steps_per_epoch)
     )
-    dro = GroupDRO(num_cells, mitigation.dro_eta, device) if name == "group_dro" else None
+    dro = None
+    if name == "group_dro":
+        adjust = GroupDRO.adjustments(torch.bincount(cells), mitigation.dro_adjustment)
+        dro = GroupDRO(num_cells, mitigation.dro_eta, device, adjust)
     layer = None
     if name == "attention_penalty":
         probe = train[0]["image"][None].to(device)
@@ -323,6 +372,9 @@ def train_model(
     val_labels = val_groups = None
     if val is not None:
         val_labels, val_groups = dataset_targets(val, workers=workers)
+    if config.select_epoch and (val is None or not bool((val_groups >= 0).all())):
+        raise MitigationError(f"{desc}: choosing the epoch needs a val split with group labels")
+    best = _BestEpoch(model) if config.select_epoch else None
 
     bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not progress)
     for _epoch in bar:
@@ -344,7 +396,7 @@ def train_model(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             penalty = None
-            if name in ("none", "group_balanced", "jtt"):
+            if name in ("none", "group_balanced", "jtt", "dfr"):  # dfr: a plain base model
                 loss = F.cross_entropy(model(x), y)
             elif name == "group_dro":
                 losses = F.cross_entropy(model(x), y, reduction="none")
@@ -386,8 +438,12 @@ def train_model(
             )
             postfix["val_acc"] = f"{history.val_accuracy[-1]:.3f}"
         bar.set_postfix(postfix)
+        if best is not None and best.update(history.val_worst_group_accuracy[-1], config.patience):
+            break
     if dro is not None:
         history.group_weights = [float(v) for v in dro.q.cpu()]
+    if best is not None:
+        history.best_epoch = best.restore()
     model.eval()
     if channels_last:  # checkpoints keep the usual layout; the audit switches again where it helps
         model.to(memory_format=torch.contiguous_format)

@@ -23,10 +23,12 @@ from audit.config import ModelConfig
 from audit.data.preprocess import resolve_preprocess
 from audit.explain.layers import resolve_layer
 from audit.metrics import validity
+from audit.models.dfr import reweight_last_layer
 from audit.models.io import read_state_dict, save_checkpoint, sha256
 from audit.models.mitigations import NEEDS_MASKS
 from audit.models.parallel import train_forked, worth_forking
-from audit.models.train import TrainConfig, train_model
+from audit.models.selection import train_selected
+from audit.models.train import TrainConfig
 from audit.pipeline.frames import float_pixels
 from audit.pipeline.plan import RunContext
 from audit.pipeline.rundir import fsync_path, write_durably
@@ -75,6 +77,9 @@ def obtain_model(ctx: RunContext, spec: ModelConfig) -> tuple[nn.Module, dict[st
         else:
             info |= train(ctx, spec, model)
     model.to(plan.device).eval()
+    if spec.mitigation == "dfr":  # the last layer retrained on the val split (audit.models.dfr)
+        info |= {"mitigation": "dfr", "dfr": refit_last_layer(ctx, spec, model)}
+        ctx.log(f"{spec.name}: DFR last layer refitted in {info['dfr']['seconds']:.1f} s")
     if not resumed:
         save_checkpoint(
             model,
@@ -93,6 +98,16 @@ def obtain_model(ctx: RunContext, spec: ModelConfig) -> tuple[nn.Module, dict[st
     info["saved_checkpoint"] = f"models/{spec.name}.pt"
     info["saved_checkpoint_sha256"] = sha256(checkpoint)
     return model, info
+
+
+def refit_last_layer(ctx: RunContext, spec: ModelConfig, model: nn.Module) -> dict[str, Any]:
+    """Deep Feature Reweighting of `model` in place on the val split; what it did, for metrics.json."""
+    plan = ctx.plan
+    with plan.prepared[spec.name].preprocess.attach(model):
+        val_set = plan.dataset(spec, plan.manifest.split(plan.config.data.val_split))
+        return reweight_last_layer(
+            model, val_set, len(plan.classes), seed=plan.config.seed, device=plan.device
+        )
 
 
 def train_in_processes(ctx: RunContext) -> None:
@@ -128,7 +143,7 @@ def train(ctx: RunContext, spec: ModelConfig, model: nn.Module) -> dict[str, Any
     protected = plan.config.data.protected_regions if mitigation.name in NEEDS_MASKS else None
     train_rows = plan.manifest.split(spec.train_split)
     with plan.prepared[spec.name].preprocess.attach(model):
-        history = train_model(
+        history = train_selected(
             model,
             plan.dataset(spec, train_rows, protected=protected, cache_bytes=TRAIN_CACHE_BYTES),
             TrainConfig(
@@ -143,13 +158,7 @@ def train(ctx: RunContext, spec: ModelConfig, model: nn.Module) -> dict[str, Any
             progress=plan.options.progress,
             device=plan.device,
         )
-    info: dict[str, Any] = {
-        "history": {
-            "loss": history.loss,
-            "val_accuracy": history.val_accuracy,
-            "val_worst_group_accuracy": history.val_worst_group_accuracy,
-        }
-    }
+    info: dict[str, Any] = {"history": history.record()}
     if history.group_weights is not None:
         info["dro_group_weights"] = history.group_weights
     if history.jtt_errors is not None:

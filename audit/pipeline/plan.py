@@ -25,6 +25,7 @@ from audit.data.manifest import Manifest, one_valued, read_manifest, unseen_clas
 from audit.data.preprocess import Preprocess
 from audit.errors import AuditError
 from audit.models.mitigations import MitigationError
+from audit.models.selection import check_inputs
 from audit.models.sources import Prepared, build_model, check_arch, prepare_model
 from audit.models.zoo import default_layer
 from audit.pipeline.frames import FrameDataset
@@ -296,6 +297,22 @@ def _check_mitigations(config: AuditConfig, manifest: Manifest) -> None:
                 ) from None
 
 
+def _check_model_selection(
+    config: AuditConfig, manifest: Manifest, prepared: dict[str, Prepared], num_classes: int
+) -> None:
+    """DFR and selection on validation need the val split's groups (and DFR a final linear
+    layer): refused now, in one line, rather than after training (audit.models.selection)."""
+    table = manifest.table
+    val = config.data.val_split
+    has_val = bool(val) and bool((table["split"] == val).any())
+    groups = list(table.loc[table["split"] == val, "group"]) if has_val else None
+    for spec in config.model:
+        try:
+            check_inputs(spec.mitigation_config(), prepared[spec.name].model, num_classes, groups)
+        except MitigationError as error:
+            raise AuditError(f"model {spec.name!r}: {error}") from None
+
+
 def _prepare_models(
     config: AuditConfig, classes: list[str], given: Mapping[str, GivenModel], log: RunLog
 ) -> dict[str, Prepared]:
@@ -363,6 +380,7 @@ def build_plan(
     )
     _check_mitigations(config, manifest)
     prepared = _prepare_models(config, classes, given, log)
+    _check_model_selection(config, manifest, prepared, len(classes))
     eval_rows = manifest.split(config.data.eval_split)
     unions = {
         name: members

@@ -18,6 +18,7 @@ from audit.metrics.aggregate import aggregate_attention, groups_of
 from audit.metrics.bootstrap import estimate, resample_weights, weighted_means
 from audit.metrics.gates import evaluate_gates, verdicts
 from audit.metrics.groups import cell_rows, group_metrics
+from audit.metrics.harm import judge_harm
 from audit.metrics.performance import headline_samples, performance
 from audit.metrics.trust import occlusion_difference
 from audit.pipeline.plan import RunContext, RunPlan
@@ -205,6 +206,9 @@ def run_metrics(
         "gallery": [int(i) for i in gallery],
         "models": models,
         "comparisons": compare(tables, first, weights),
+        "mitigation_harm": judge_harm(  # audit.metrics.harm
+            tables, {name: r.info for name, r in results.items()}, first, weights
+        ),
     }
     if config.trust.enabled:
         _occlusion_differences(ctx.plan, metrics["comparisons"], results)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from PIL import Image
 
-from audit.report import charts, sections, validity_view
+from audit.report import charts, mitigation_view, sections, validity_view
 from audit.report.discovery import discovery_context
 from audit.report.fmt import (
     amount_html,
@@ -514,7 +514,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     for gate in gates:  # rows of earlier versions carry no status
         gate.setdefault("status", gate_status(gate))
     trust = sections.trust_context(metrics, run_dir, _data_uri, _svg_uri, model_colours)
-    mitigations = sections.mitigation_context(metrics, _svg_uri, model_colours)
+    mitigations = mitigation_view.mitigation_context(metrics, _svg_uri, model_colours)
     discovered = discovery_context(run_dir, metrics)
     numbered = section_list(
         trust is not None,
