@@ -146,8 +146,12 @@ def test_the_demo_discovers_the_biased_models_failing_cells(demo_run) -> None:
     assert worst["matches"][0]["precision"] >= 0.8
     assert worst["gap"] < -0.5
     assert not biased["unnamed_failure"]  # the data set names the cell it fails on
+    # The unbiased model has no slice that fails the way the biased one does (its worst slice is
+    # under 1%): every slice's accuracy interval reaches above 50%. A small cluster of its few
+    # errors may still be found and reported (e.g. 4 errors in a 20-image slice).
     unbiased = metrics["models"]["unbiased"]["discovery"]
-    assert all(s["gap"] > -0.10 for s in unbiased["slices"])
+    assert all(s["accuracy"]["ci_high"] > 0.5 for s in unbiased["slices"])
+    assert min(s["gap"] for s in unbiased["slices"]) > worst["gap"] + 0.5
     samples = pd.read_csv(demo_run / "samples.csv")
     rows = samples[samples["model"] == "biased"]
     members = rows[rows["slice"] == worst["id"]]
