@@ -412,7 +412,7 @@ def demo(out: Path, data_dir: Path, seed: int, **how: Any) -> None:
     config = from_dict(demo_config(manifest, seed))
     options = _options(True, **how)
     options.force = options.force or written_files(out) is not None
-    options.parallel_training = True  # two small CNNs: one process of one thread each is faster
+    options.parallel_models = True  # two small CNNs: one process of one thread each is faster
     run_dir = _run(config, out, options)
     click.echo(
         f"run folder: {run_dir}\nreport: {run_dir / 'report.html'} and {run_dir / 'report.pdf'}"

@@ -18,6 +18,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,13 @@ from torch import nn
 from audit.config import AuditConfig, ModelConfig
 from audit.errors import AuditError
 from audit.explain.errors import LayerError
+from audit.models.parallel import run_forked, worth_forking
 from audit.models.zoo import default_layer
 from audit.pipeline.discover import discover_model
 from audit.pipeline.frames import ImageDecodeError
 from audit.pipeline.gallery import choose_gallery, choose_mistakes, explain_gallery
 from audit.pipeline.map_stage import map_model, sample_table
-from audit.pipeline.obtain import found_layer, obtain_model, train_in_processes, validity_probe
+from audit.pipeline.obtain import found_layer, obtain_model, validity_probe
 from audit.pipeline.plan import (
     GivenModel,
     ManifestSource,
@@ -76,12 +78,41 @@ def audit_models(ctx: RunContext) -> dict[str, Any]:
     eval_rows = plan.eval_rows.reset_index(drop=True)
     gallery = choose_gallery(eval_rows, config.explain.samples_per_cell, config.seed)
     trust_positions = trust_sample(len(eval_rows), config.trust, config.seed)
-    train_in_processes(ctx)
-    results = {spec.name: audit_model(ctx, spec, gallery, trust_positions) for spec in config.model}
+    results = audit_forked(ctx, gallery, trust_positions)
+    if results is None:
+        results = {s.name: audit_model(ctx, s, gallery, trust_positions) for s in config.model}
     tables = sample_tables(results)
     metrics, per_cell = run_metrics(ctx, results, tables, gallery)
     write_tables(ctx.work, tables, per_cell)
     return metrics
+
+
+def audit_forked(
+    ctx: RunContext, gallery: np.ndarray, trust_positions: np.ndarray
+) -> dict[str, ModelResult] | None:
+    """Every model through its stages in its own forked process of one thread, where that is
+    faster (RunOptions.parallel_models); None where it is not, and the models go one by one.
+
+    A child decodes in its own thread (no DataLoader workers: the children already fill the
+    cores) and draws no progress bar; its log lines reach run.log through the parent."""
+    plan = ctx.plan
+    threads = torch.get_num_threads()
+    models = plan.config.model
+    if plan.options.ray or not plan.options.parallel_models:
+        return None
+    if not worth_forking(len(models), threads, plan.device):
+        return None
+    child = dataclasses.replace(ctx, plan=dataclasses.replace(plan, workers=0))
+
+    def one(spec: ModelConfig) -> tuple[ModelResult, list[str]]:
+        plan.options.progress = False  # in the child: two progress bars would garble
+        before = len(child.log.lines)
+        return audit_model(child, spec, gallery, trust_positions), child.log.lines[before:]
+
+    forked = run_forked({spec.name: partial(one, spec) for spec in models}, threads)
+    for _, lines in forked.values():
+        ctx.log.lines.extend(lines)
+    return {name: result for name, (result, _) in forked.items()}
 
 
 def audit_model(

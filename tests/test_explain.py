@@ -21,6 +21,10 @@ from audit.explain import (
     largest_component,
     normalize_maps,
 )
+from audit.explain.boxes import (  # the two labellings behind largest_component
+    _largest_component_scipy,
+    _largest_component_torch,
+)
 from audit.models.zoo import SmallCNN
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -439,3 +443,22 @@ def test_guided_backprop_through_relu6():
     g_h = g_a.clamp(min=0) * ((h > 0) & (h < 6))
     expected = torch.einsum("oc,nohw->nchw", conv.weight[:, :, 0, 0].detach(), g_h)
     torch.testing.assert_close(explain(net, x, "guided_backprop", targets=1), expected)
+
+
+def test_largest_component_scipy_and_torch_labellings_agree():
+    """The CPU (scipy, whole batch in one call) and device (torch rounds) labellings keep the same
+    pixels: smooth and speckled masks, empty and full ones, ties, and an empty batch."""
+    gen = torch.Generator().manual_seed(11)
+    smooth = F.interpolate(torch.rand(24, 1, 8, 8, generator=gen), size=(40, 40), mode="bilinear")
+    masks = [
+        smooth[:, 0] >= 0.2 * smooth.flatten(1).amax(1).view(-1, 1, 1) + 0.5,
+        torch.rand(24, 33, 17, generator=gen) > 0.55,  # many small speckles: many ties
+        torch.zeros(3, 9, 9, dtype=torch.bool),
+        torch.ones(2, 9, 9, dtype=torch.bool),
+        torch.zeros(0, 9, 9, dtype=torch.bool),
+    ]
+    for mask in masks:
+        scipy_kept = _largest_component_scipy(mask)
+        assert scipy_kept.shape == mask.shape and scipy_kept.dtype == torch.bool
+        assert torch.equal(scipy_kept, _largest_component_torch(mask))
+        assert not (scipy_kept & ~mask).any()

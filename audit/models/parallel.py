@@ -1,10 +1,11 @@
-"""Train several small models at once on a CPU: each in its own forked process with one thread.
+"""Work on several small models at once on a CPU: each job in its own forked process, one thread.
 
 A small network on small images (the demo's SmallCNN at 64 px) keeps two threads poorly busy:
-its convolutions are too small to split well, and every step waits for both threads. Two such
-trainings in two processes of one thread each finish sooner than the same two one after the
-other with two threads each (docs/benchmarks.md, "The demo"). Large models split well across
-threads, so the caller decides when this pays (`worth_forking`).
+its convolutions are too small to split well, every step waits for both threads, and the
+audit's Python between the forwards runs on one core. Two such models trained and audited in two
+processes of one thread each finish sooner than the same two one after the other with two
+threads each (docs/benchmarks.md, "The demo"). Large models split well across threads, so the
+caller decides when this pays (`worth_forking`).
 
 The jobs are callables run in forked children (nothing is pickled on the way in; the result and
 any error are pickled on the way back, by value). A child runs with one torch thread: GNU OpenMP, which
@@ -17,13 +18,11 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor, nn
 
 T = TypeVar("T")
 
@@ -90,25 +89,3 @@ def run_forked(jobs: Mapping[str, Callable[[], T]], processes: int) -> dict[str,
                     child.join()
                 receive.close()
     return results
-
-
-def _trained(
-    train: Callable[[str], tuple[nn.Module, T]], lines: list[str], name: str
-) -> tuple[dict[str, Tensor], T, list[str]]:
-    before = len(lines)
-    model, extra = train(name)
-    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    return state, extra, lines[before:]
-
-
-def train_forked(
-    names: Sequence[str],
-    train: Callable[[str], tuple[nn.Module, T]],
-    lines: list[str],
-    processes: int,
-) -> dict[str, tuple[dict[str, Tensor], T, list[str]]]:
-    """`train(name)` (returning the trained model and anything else) for each name in its own
-    forked process, at most `processes` at a time: per name the trained state dict on the CPU,
-    what `train` returned beside the model, and the lines `train` appended to `lines` (a log
-    the child kept; the parent appends them to its own)."""
-    return run_forked({name: partial(_trained, train, lines, name) for name in names}, processes)

@@ -26,7 +26,6 @@ from audit.metrics import validity
 from audit.models.dfr import reweight_last_layer
 from audit.models.io import read_state_dict, save_checkpoint, sha256
 from audit.models.mitigations import NEEDS_MASKS
-from audit.models.parallel import train_forked, worth_forking
 from audit.models.selection import train_selected
 from audit.models.train import TrainConfig
 from audit.pipeline.frames import float_pixels
@@ -41,11 +40,6 @@ def obtain_model(ctx: RunContext, spec: ModelConfig) -> tuple[nn.Module, dict[st
     plan = ctx.plan
     prepared = plan.prepared[spec.name]
     model = prepared.model
-    if spec.name in ctx.pretrained:  # trained in its own process (train_in_processes)
-        state, info, lines = ctx.pretrained.pop(spec.name)
-        ctx.log.lines.extend(lines)
-        model.load_state_dict(state)
-        return model.to(plan.device).eval(), info
     info: dict[str, Any] = {
         "arch": spec.arch,
         "source_kind": prepared.source.kind,
@@ -108,26 +102,6 @@ def refit_last_layer(ctx: RunContext, spec: ModelConfig, model: nn.Module) -> di
         return reweight_last_layer(
             model, val_set, len(plan.classes), seed=plan.config.seed, device=plan.device
         )
-
-
-def train_in_processes(ctx: RunContext) -> None:
-    """Train the models that need training each in its own process, where that is faster
-    (RunOptions.parallel_training); obtain_model then takes their weights."""
-    plan = ctx.plan
-    specs = {
-        s.name: s
-        for s in plan.config.model
-        if s.train_split and not s.checkpoint and s.name not in plan.given
-    }
-    threads = torch.get_num_threads()
-    if not (plan.options.parallel_training and worth_forking(len(specs), threads, plan.device)):
-        return
-
-    def train_one(name: str) -> tuple[nn.Module, dict[str, Any]]:
-        plan.options.progress = False  # in the child: two progress bars would garble
-        return obtain_model(ctx, specs[name])
-
-    ctx.pretrained.update(train_forked(list(specs), train_one, ctx.log.lines, threads))
 
 
 def train(ctx: RunContext, spec: ModelConfig, model: nn.Module) -> dict[str, Any]:

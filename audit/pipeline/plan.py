@@ -49,10 +49,11 @@ class RunOptions:
     precision: str = "fp32"  # "bf16": bfloat16 autocast where it keeps the predictions identical
     progress: bool = True
     render: bool = True
-    # Train the models in forked processes of one thread each where there are at least as many
-    # models to train as threads, on the CPU (audit.models.parallel; `audit demo` turns it on).
-    # Trained weights depend on the thread count in their last bits, as any training's do.
-    parallel_training: bool = False
+    # Each model trained and audited in its own forked process of one thread, where there are
+    # at least as many models as threads, on the CPU and without Ray (audit.models.parallel;
+    # `audit demo` turns it on). Trained weights and float sums depend on the thread count in
+    # their last bits, as any computation's do.
+    parallel_models: bool = False
 
 
 class RunLog:
@@ -157,9 +158,6 @@ class RunContext:
     plan: RunPlan
     work: Path
     log: RunLog
-    # Models trained ahead in their own processes (obtain.train_in_processes): name -> (state
-    # dict, info, log lines); obtain_model takes each one out.
-    pretrained: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
