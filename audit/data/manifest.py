@@ -118,10 +118,12 @@ class Manifest:
             for c in self.table.columns
             if c in ("image", "twin") or c.startswith(("mask:", "twin:"))
         ]
+        root = str(self.root)
         for value in self.table[columns].to_numpy().ravel():
             if value:
                 digest.update(value.encode("utf-8") + b"\0")
-                digest.update(hashlib.sha256(self.resolve(value).read_bytes()).digest())
+                with open(os.path.join(root, value), "rb") as file:
+                    digest.update(hashlib.sha256(file.read()).digest())
         return digest.hexdigest()
 
     @property
