@@ -134,7 +134,11 @@ def run_one(
         mitigation = MitigationConfig(name, grid=grid)
         config = TrainConfig(epochs=args.epochs, seed=seed, mitigation=mitigation)
         history = train_selected(model, sets["train"], config, val=sets["val"], progress=False)
-        record = {"config": MitigationConfig(name).resolved(), "selection": history.selection}
+        chosen = (history.selection or {}).get("chosen") or {}
+        record = {  # the values the selection chose, not the mitigation's unsearched defaults
+            "config": mitigation.with_values(chosen).resolved(),
+            "selection": history.selection,
+        }
     record["cpu_seconds"] = time.process_time() - started
     if history is not None:
         record |= {"val_worst_group_curve": history.val_worst_group_accuracy}
