@@ -477,11 +477,15 @@ def check(run_dir: Path, junit: Path | None) -> None:
 @click.option("--no-pdf", is_flag=True, help="Only the HTML page.")
 @user_errors
 def report(run_dir: Path, no_pdf: bool) -> None:
-    """Render report.html and report.pdf again from a finished run, without recomputing."""
+    """Render report.html and report.pdf again from a finished run, without recomputing.
+
+    It holds the run folder's lock, as a run does: never two writers of the same report."""
+    from audit.pipeline.rundir import run_lock
     from audit.report.render import load_run, render_report
 
-    load_run(run_dir)
-    render_report(run_dir, pdf=not no_pdf, echo=click.echo)
+    with run_lock(run_dir, named="RUN_DIR"):
+        load_run(run_dir)
+        render_report(run_dir, pdf=not no_pdf, echo=click.echo)
 
 
 @main.command()

@@ -451,3 +451,22 @@ def test_the_remote_error_is_read_from_rays_text():
     assert remote_error(ConnectionError("lost the head node\nmore")) == (
         "ConnectionError: lost the head node"
     )
+
+
+def test_audit_report_refuses_a_run_folder_another_command_is_writing(tmp_path):
+    """`audit report` takes the run folder's lock: while a run (here this test) holds it, the
+    report is refused with one line naming the folder and the holder, and nothing is written."""
+    from click.testing import CliRunner
+
+    from audit.cli import main
+    from audit.pipeline.rundir import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(run):
+        result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert f"RUN_DIR {run} is being written by another audit run (pid {os.getpid()} on " in lines[0]
+    assert "Traceback" not in result.output and list(run.iterdir()) == []

@@ -68,8 +68,9 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def run_lock(out: Path) -> Iterator[None]:
+def run_lock(out: Path, named: str = "--out") -> Iterator[None]:
     """Hold `out`'s lock for the block; refuse (one line naming the holder) if another run holds it.
+    `named` is how the error names the folder (the option or argument the user gave it as).
 
     The lock is an fcntl `flock` on `.<name>.lock` beside the run folder (not inside the work folder,
     which --force deletes and a finished run renames into place). The kernel releases it when the
@@ -87,8 +88,8 @@ def run_lock(out: Path) -> Iterator[None]:
             holder = _holder(fd)
             os.close(fd)
             raise RunFolderError(
-                f"--out {_rel(out)} is being written by another audit run ({holder}); "
-                "wait for it to finish or choose another --out"
+                f"{named} {_rel(out)} is being written by another audit run ({holder}); "
+                f"wait for it to finish or choose another {named}"
             ) from None
         try:
             locked, now = os.fstat(fd), os.stat(path)
