@@ -188,12 +188,7 @@ def explain_gallery(
         else np.zeros(0, np.int64)
     )
     map_spec = plan.map_spec(spec)
-    dataset = plan.dataset(
-        spec,
-        plan.eval_rows,
-        regions=map_spec.regions,
-        twins=list(plan.twin_columns().values()),
-    )
+    dataset = plan.eval_dataset(spec, twins=True)
     job = GalleryJob(
         name=spec.name,
         methods=plan.config.explain.methods,

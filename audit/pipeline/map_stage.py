@@ -32,12 +32,10 @@ def map_model(ctx: RunContext, spec: ModelConfig, model: nn.Module) -> pd.DataFr
     """Per-image rows of one model over the eval split, shard by shard (resumable)."""
     plan, options = ctx.plan, ctx.plan.options
     map_spec = plan.map_spec(spec)
-    dataset = plan.dataset(
+    dataset = plan.eval_dataset(
         spec,
-        plan.eval_rows,
-        regions=map_spec.regions,
-        twins=list(plan.twin_columns().values()),
-        uint8_pixels=True,  # a quarter of the bytes per batch from the workers
+        twins=True,
+        uint8_pixels=True,  # uint8: a quarter of the bytes per batch from workers
     )
     n = len(dataset)
     bounds = mapping.shard_bounds(n, map_spec.batch_size * SHARD_BATCHES)

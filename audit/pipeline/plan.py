@@ -132,6 +132,14 @@ class RunPlan:
             **kwargs,
         )
 
+    def eval_dataset(self, spec: ModelConfig, *, twins: bool, **kwargs: Any) -> FrameDataset:
+        """The eval split in the frame of model `spec` with the map's regions (the map, the gallery
+        and the trust checks read it so), with each image's twins where `twins`."""
+        columns = list(self.twin_columns().values()) if twins else None
+        return self.dataset(
+            spec, self.eval_rows, regions=self.map_spec(spec).regions, twins=columns, **kwargs
+        )
+
     def twin_columns(self) -> dict[str, str]:
         """Attribute -> twin column of the counterfactuals (the first falls back to a mean fill)."""
         twins = dict(self.manifest.twin_columns)

@@ -324,7 +324,7 @@ def trust_model(
         folder=ctx.work / "overlays",
         device=plan.device,
     )
-    dataset = plan.dataset(spec, plan.eval_rows, regions=map_spec.regions)
+    dataset = plan.eval_dataset(spec, twins=False)
     block, columns, occlusion = run_trust(model, map_spec, dataset, sample, job)
     full_columns = {}
     for column, values in columns.items():
