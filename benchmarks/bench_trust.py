@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--trust", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only", choices=["on", "off"], help="run one of the two audits")
+    parser.add_argument("--keep", type=Path, help="keep the run folders (run.log's laps) here")
     parser.add_argument("--unit-costs", type=int, metavar="N", help="per-image costs on N images")
     parser.add_argument("--stage", type=Path, metavar="AUDIT_TOML", help="time the trust stage")
     parser.add_argument("--out", type=Path, help="with --stage: where metrics.json goes")
@@ -249,7 +250,7 @@ def main() -> None:
         return
     trust = dict(item.split("=", 1) for item in args.trust)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
         manifest = args.data or generate(
             DoctorNurseSpec(
                 seed=0, image_size=args.image_size, n_train=4, n_val=4, n_test=args.images
@@ -263,7 +264,7 @@ def main() -> None:
                 if args.only and mode != args.only:
                     continue
                 folder = root / arch.replace(":", "_") / mode
-                folder.mkdir(parents=True)
+                folder.mkdir(parents=True, exist_ok=bool(args.keep))
                 table = {"enabled": "false"} if mode == "off" else trust
                 config = write_config(folder, manifest.resolve(), arch, args.image_size, table)
                 results[mode] = result = audit_once(folder, config, args.workers)
