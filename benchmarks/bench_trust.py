@@ -11,7 +11,10 @@ is sampled every 0.1 s by bench_scale's sampler (summed PSS, and summed RSS for 
 the run.log line written last before the peak; the trust stage's time is the audit's own lap
 ("trust checks on N images in X s"), and the CPU time (user + system) of the whole tree is given
 beside the wall time, being steadier on a shared machine. Extra `--trust KEY=VALUE` pairs go into the `[trust]` table
-(e.g. `--trust samples=64`). Timings on a shared machine are noisy; memory is not.
+(e.g. `--trust samples=64`). Timings on a shared machine are noisy; memory is not. `--only on`
+runs the audit with the checks only; `--keep DIR` keeps the run folders (and a generated data set)
+in DIR, so run.log's stage laps can be read afterwards (docs/benchmarks.md derives the 20,000-image
+"off" time as the audit less its trust lap).
 
     python benchmarks/bench_trust.py --unit-costs 8 --data MANIFEST [--archs resnet18]
 
