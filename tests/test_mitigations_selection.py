@@ -381,3 +381,56 @@ def test_the_report_marks_a_harmful_mitigation_and_never_names_it_as_the_candida
     assert "rrr" in row and "HARMFUL" in row
     assert table.count("HARMFUL") == 1
     assert summary in _text(page)
+
+
+def test_a_penalty_switched_off_by_selection_is_called_plain_training_not_a_fix(
+    tmp_path,
+) -> None:
+    from audit.report.render import build_context
+    from tests.test_report_trust import _model, _text, _trust, _with_mitigation, fake_run
+
+    classes = ["doctor", "nurse"]
+    models = {
+        "plain": _with_mitigation(_model(classes, 0.7, 0.4, 0.3, 0.80), None),
+        # the best figures, but selection chose rrr_lambda = 0: plain training with its best epoch
+        "rrr": _with_mitigation(_model(classes, 0.99, 0.1, 0.02, 0.99), "right_reasons",
+                                rrr_lambda=0.0),
+        "jtt": _with_mitigation(_model(classes, 0.9, 0.1, 0.02, 0.93), "jtt", jtt_upweight=20.0),
+    }  # fmt: skip
+    for m in models.values():
+        m["trust"] = _trust({"gradcam": 0.1})
+    run = fake_run(tmp_path / "run", models, classes, gates={"min_worst_group_accuracy": 0.5})
+    context = build_context(run)["mitigations"]
+    assert _text(context["summary"]) == (
+        "Of the 2 mitigations tried, jtt (model jtt) passes every gate with the highest "
+        "accuracy: 93.0% [91.0–95.0]. Switched off by validation selection (strength 0, plain "
+        "training, not a fix): right_reasons (model rrr)."
+    )
+    rows = {r["model"]: r for r in context["rows"]}
+    assert rows["rrr"]["notes"] == [
+        "rrr_lambda = 0: the penalty is off (no strength tried did better on validation), so "
+        "this model is plain training, not a fix"
+    ]
+    assert rows["jtt"]["notes"] == []
+
+
+def test_strength_zero_trains_plainly_and_records_no_penalty() -> None:
+    """rrr_lambda = 0 is the grid point that lets selection switch the penalty off: the same
+    weights as plain training from the same start, and no penalty figure invented for it."""
+    from audit.models.train import train_model
+
+    data = toy(32)  # with protected-region masks
+    plain, off = tiny_model(), tiny_model()
+    off.load_state_dict(plain.state_dict())
+    runs = {}
+    for model, mitigation in ((plain, "none"), (off, "right_reasons")):
+        config = TrainConfig(
+            epochs=2,
+            batch_size=16,
+            lr=1e-2,
+            mitigation=MitigationConfig(mitigation, rrr_lambda=0.0),
+        )
+        runs[mitigation] = train_model(model, data, config, progress=False)
+    assert runs["right_reasons"].penalty == [] and runs["right_reasons"].loss == runs["none"].loss
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, off.state_dict()[key]), key

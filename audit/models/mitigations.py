@@ -67,7 +67,9 @@ TRAINING_KEYS = ("lr", "weight_decay")  # TrainConfig values a grid may vary too
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "group_dro": {"dro_adjustment": [0.0, 2.0]},
     "jtt": {"jtt_upweight": [6.0, 20.0]},
-    "right_reasons": {"rrr_lambda": [1.0, 10.0]},
+    # 0 switches the penalty off: measured harmful at every strength from 0.01 to 100 on
+    # doctor/nurse (docs/mitigations.md), so selection may hand back plain training, and says so.
+    "right_reasons": {"rrr_lambda": [0.0, 1.0]},
     "attention_penalty": {"attention_lambda": [0.1, 1.0]},
 }
 

@@ -377,6 +377,11 @@ def train_model(
     best = _BestEpoch(model) if config.select_epoch else None
 
     bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not progress)
+    # A strength of 0 (a grid point that lets selection switch the penalty off) is plain training:
+    # no input gradients, no double backpropagation, no penalty recorded.
+    penalty_off = (name == "right_reasons" and mitigation.rrr_lambda == 0) or (
+        name == "attention_penalty" and mitigation.attention_lambda == 0
+    )
     for _epoch in bar:
         model.train()
         total = penalty_total = 0.0
@@ -396,8 +401,8 @@ def train_model(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             penalty = None
-            if name in ("none", "group_balanced", "jtt", "dfr"):  # dfr: a plain base model
-                loss = F.cross_entropy(model(x), y)
+            if name in ("none", "group_balanced", "jtt", "dfr") or penalty_off:
+                loss = F.cross_entropy(model(x), y)  # dfr: a plain base; penalty_off: strength 0
             elif name == "group_dro":
                 losses = F.cross_entropy(model(x), y, reduction="none")
                 loss = dro.loss(losses, cells[batch["index"]].to(device))
@@ -426,7 +431,7 @@ def train_model(
                 penalty_total += float(penalty.detach()) * len(y)
             seen += len(y)
         history.loss.append(total / max(1, seen))
-        if name in NEEDS_MASKS:
+        if name in NEEDS_MASKS and not penalty_off:
             history.penalty.append(penalty_total / max(1, seen))
         postfix = {"loss": f"{history.loss[-1]:.3f}"}
         if val is not None:

@@ -7,6 +7,7 @@ what a team needs before adopting a fix:
   never named as a candidate, on page one or here;
 - how each was selected (metrics.json `models.<m>.history.selection`): the grid, the chosen
   values, the epoch kept, and the validation worst-group curve of every chosen run (one chart);
+- a penalty mitigation whose selection chose strength 0 is plain training: said so, never a candidate;
 - DFR's refit (`models.<m>.dfr`): the layer, the regularisation chosen, its time.
 """
 
@@ -22,6 +23,28 @@ from audit.report import charts, sections
 from audit.report.fmt import ci_html, points_html
 
 PLAIN = sections.PLAIN
+# A penalty mitigation whose selection chose strength 0 trained without its penalty: plain training.
+STRENGTH_KEYS = {"right_reasons": "rrr_lambda", "attention_penalty": "attention_lambda"}
+
+
+def switched_off(model: dict[str, Any]) -> str | None:
+    """The strength key when the model's penalty was switched off (strength 0), else None."""
+    name, params = sections.mitigation_of(model)
+    key = STRENGTH_KEYS.get(name or "")
+    if key is not None and params.get(key) == 0:
+        return key
+    return None
+
+
+def switched_off_text(model: dict[str, Any]) -> str | None:
+    """One line saying that the model is plain training because its penalty is off."""
+    key = switched_off(model)
+    if key is None:
+        return None
+    return (
+        f"{key} = 0: the penalty is off (no strength tried did better on validation), so this "
+        "model is plain training, not a fix"
+    )
 
 
 def _values(values: dict[str, Any]) -> str:
@@ -71,7 +94,8 @@ def harm_summary(metrics: dict[str, Any]) -> Markup | None:
     if not tried:
         return None
     harmful = [n for n in tried if harm.get(n, {}).get("harmful")]
-    candidates = [n for n in tried if n not in harmful]
+    off = [n for n in tried if n not in harmful and switched_off(models[n])]
+    candidates = [n for n in tried if n not in harmful and n not in off]
     accuracy = {n: sections._lookup(models[n], "performance", "accuracy") or {} for n in tried}
     worst = {
         n: sections._lookup(models[n], "performance", "worst_group_accuracy") or {} for n in tried
@@ -90,8 +114,14 @@ def harm_summary(metrics: dict[str, Any]) -> Markup | None:
             "None of the {} mitigations tried passes every gate; the best worst-group accuracy "
             "among {} is {}'s (model {}): {}."
         ).format(len(tried), among, tried[best], best, ci_html(worst[best], 1))
+    else:
+        lead = Markup("None of the {} mitigations tried is a candidate.").format(len(tried))
+    if off:
+        lead += Markup(
+            " Switched off by validation selection (strength 0, plain training, not a fix): {}."
+        ).format(Markup(", ").join(Markup("{} (model {})").format(tried[n], n) for n in off))
     named = Markup(", ").join(Markup("{} (model {})").format(tried[n], n) for n in harmful)
-    if not candidates:
+    if harmful and not candidates and not off:
         return Markup(
             "Every one of the {} mitigations tried is harmful, worse than plain training "
             "(worst group, paired 95% CI below 0): {}."
@@ -154,7 +184,13 @@ def mitigation_context(
                 "difference": points_html(judged["worst_group_accuracy_difference"]),
             }
         row["notes"] = [
-            t for t in (selection_text(models[row["model"]]), dfr_text(models[row["model"]])) if t
+            text
+            for text in (
+                selection_text(models[row["model"]]),
+                switched_off_text(models[row["model"]]),
+                dfr_text(models[row["model"]]),
+            )
+            if text
         ]
     chart = curves_chart(metrics, model_colours)
     context["curves"] = svg_uri(chart) if chart else None
