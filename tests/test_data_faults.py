@@ -223,3 +223,10 @@ def test_a_run_leaves_a_one_valued_attribute_out_of_metrics_and_gates(small_data
     assert list(metrics["models"]["a"]["fairness"]) == ["sex", "age", "sex x age"]
     assert metrics["data"]["attributes_left_out"] == {"site": ["clinic"]}
     assert not [g for g in metrics["gates"] if "site" in json.dumps(g)]
+    from audit.report.render import render_html
+    from tests.test_report_trust import _text
+
+    assert (
+        "Not audited (left out of the fairness figures, gates and intersections, for want of two "
+        "groups in split “test”): attribute “site”, only the value “clinic”."
+    ) in _text(render_html(run))
