@@ -296,6 +296,27 @@ def test_ray_survives_a_killed_node_and_stops_cleanly_when_it_cannot(loaded, dat
                 os.environ[key] = value
 
 
+@pytest.mark.slow
+def test_a_shard_that_kills_every_ray_worker_stops_the_map_instead_of_looping(loaded, tmp_path):
+    """Ray restarts a dead actor and retries its shard; a shard that kills every worker it
+    reaches is retried a bounded number of times, then the run stops with one resumable line."""
+    pytest.importorskip("ray")
+    config_path, _ = loaded
+    out = tmp_path / "run"
+    crash = "audit.pipeline.map:map_batch:crash"  # only in Ray workers: the driver is unharmed
+    run = start(run_args(config_path, out, "--ray", "local", "--workers", 1), crash)
+    try:
+        code, _, stderr = run.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail("the map kept retrying a shard that kills its worker")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("error: --ray local: the map failed on the cluster: "), stderr
+    assert "--resume" in lines[0]
+    assert (tmp_path / ".run.partial" / "resume.json").is_file() and not out.exists()
+
+
 def json_image_of_last_shard(manifest: Path) -> str:
     """An image of the test split's last shard (rows 64-79), as the manifest names it."""
     import pandas as pd

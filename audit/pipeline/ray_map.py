@@ -9,9 +9,11 @@ rows - and the metrics reduced from them on the driver - are the same.
 Workers must be able to read the manifest's files at the same paths (a shared file system).
 
 Faults: a shard's task only reads images and returns rows, so Ray may run it again. An actor that
-dies with its node is restarted elsewhere and its shard retried (Ray Data's default for actor
-pools: restarts and retries without limit). A failure Ray does not retry (an error raised in the
-map, a lost cluster) stops the map with `ResumableError`: the shards written so far are kept.
+dies with its node is restarted elsewhere (without limit, Ray Data's default for actor pools) and
+its shard retried, at most `SHARD_RETRIES` times: a shard that kills every worker it reaches (an
+input that crashes a decoder, a batch that exhausts a worker's memory) stops the map instead of
+looping for ever. That, and a failure Ray does not retry (an error raised in the map, a lost
+cluster), stop the map with `ResumableError`: the shards written so far are kept.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from torch import nn
 from audit.pipeline.frames import FrameDataset, ImageDecodeError
 from audit.pipeline.map import MapSpec, map_shards
 from audit.pipeline.rundir import ResumableError
+
+SHARD_RETRIES = 3  # a shard whose worker died is run again at most this many times
 
 
 class RayError(ValueError):
@@ -158,6 +162,7 @@ def ray_map(
         concurrency=slots,
         num_cpus=0 if gpus >= 1 else max(1, int(cpus) // slots),
         num_gpus=1 if gpus >= 1 else 0,
+        max_task_retries=SHARD_RETRIES,
     )
     ends = dict(shards)
     batches = iter(mapped.iter_batches(batch_format="pandas", batch_size=None))

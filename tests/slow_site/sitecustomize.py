@@ -2,8 +2,10 @@
 reliability tests' `audit run` subprocesses and the Ray workers they start).
 
 With AUDIT_TEST_SLOW="module:function:seconds,..." each named function sleeps that long before it
-runs, so that a test can kill a run at a chosen stage (mid-map, after the map). Nothing is
-imported or changed unless the variable is set and the module is imported anyway.
+runs, so that a test can kill a run at a chosen stage (mid-map, after the map). "crash" instead of
+seconds makes the function end its process (exit code 1) when it runs in a Ray worker, as a poison
+input that kills every worker it reaches would. Nothing is imported or changed unless the variable
+is set and the module is imported anyway.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ import time
 _SLOW: dict[str, list[tuple[str, float]]] = {}
 for _item in filter(None, os.environ.get("AUDIT_TEST_SLOW", "").split(",")):
     _module, _function, _seconds = _item.split(":")
-    _SLOW.setdefault(_module, []).append((_function, float(_seconds)))
+    _SLOW.setdefault(_module, []).append((_function, _seconds))
+
+
+def _in_ray_worker() -> bool:
+    return any("default_worker.py" in argument for argument in sys.argv)
 
 
 def _slowed(function, seconds):
     @functools.wraps(function)
     def slow(*args, **kwargs):
-        time.sleep(seconds)
+        if seconds == "crash":
+            if _in_ray_worker():
+                os._exit(1)
+        else:
+            time.sleep(float(seconds))
         return function(*args, **kwargs)
 
     return slow
