@@ -362,6 +362,156 @@ def section_list(
     return {key: {"number": i, "title": title} for i, (key, title) in enumerate(shown, start=1)}
 
 
+def audited_regions(data: dict[str, Any], models: dict[str, Any]) -> list[str]:
+    """The regions whose Grad-CAM share the run measured: protected, core, then each region."""
+    regions = ["protected", "core"] + [r for r in data["regions"] if r not in ("person",)]
+    measured = next(iter(models.values()))["attention"].get("gradcam", {}).get("overall", {})
+    return [r for r in regions if r in measured]
+
+
+def cells_chart(models: dict[str, Any], shown: list[str], n_cells: int, colours: dict) -> str:
+    """SVG: accuracy per class x group cell, models side by side (the shown cells)."""
+    title = "Accuracy per class x group cell (95% CI)"
+    if len(shown) < n_cells:
+        title += f", the {len(shown)} worst of {n_cells}"
+    values = {n: [m["performance"]["per_cell"].get(c) for c in shown] for n, m in models.items()}
+    return charts.grouped_bars(shown, values, "accuracy", title, colours)
+
+
+def attention_charts(
+    models: dict[str, Any], data: dict[str, Any], regions: list[str], colours: dict
+) -> list[dict[str, Any]]:
+    """Per model, an SVG data URI: the Grad-CAM share of each region by group."""
+    labels = [region_label(r, data) for r in regions]
+    found = []
+    for n, model in models.items():
+        per_group = model["attention"].get("gradcam", {}).get("per_group", {})
+        series = {
+            g: [per_group.get(g, {}).get(r, {}).get("share") for r in regions]
+            for g in data["groups"]
+        }
+        svg = charts.grouped_bars(
+            labels,
+            series,
+            "share of Grad-CAM mass",
+            f"{n}: where Grad-CAM looks, by group (95% CI)",
+            colours,
+        )
+        found.append({"model": n, "uri": _svg_uri(svg)})
+    return found
+
+
+def compare_chart(
+    models: dict[str, Any], data: dict[str, Any], regions: list[str], colours: dict
+) -> str:
+    """SVG: each model's Grad-CAM share per region beside the regions' area (uniform attention)."""
+    reference = "area (uniform attention)"
+    series = {
+        n: [m["attention"].get("gradcam", {}).get("overall", {}).get(r, {}).get("share")
+            for r in regions]
+        for n, m in models.items()
+    }  # fmt: skip
+    area = data.get("region_area", {})
+    series[reference] = [{"value": area.get(r), "ci_low": None, "ci_high": None} for r in regions]
+    return charts.grouped_bars(
+        [region_label(r, data) for r in regions],
+        series,
+        "share of Grad-CAM mass",
+        "Grad-CAM mass per region, models side by side (95% CI)",
+        colours,
+        reference=reference,
+    )
+
+
+def flip_chart(models: dict[str, Any], groups: list[str], colours: dict) -> str:
+    """SVG: the counterfactual flip rate of each model by group."""
+    series = {
+        n: [(m.get("counterfactual") or {}).get("per_group", {}).get(g) for g in groups]
+        for n, m in models.items()
+    }
+    return charts.grouped_bars(
+        groups, series, "flip rate", "Counterfactual flip rate by group (95% CI)", colours
+    )
+
+
+def attention_tables(
+    models: dict[str, Any], data: dict[str, Any], regions: list[str], shown_cells: list[str]
+) -> list[dict[str, Any]]:
+    """Per model, the Grad-CAM share of each region overall, per group, class and shown cell."""
+    scopes = (
+        ("all", None),
+        *((f"group: {g}", ("per_group", g)) for g in data["groups"]),
+        *((f"class: {c}", ("per_class", c)) for c in data["classes"]),
+        *((f"cell: {c}", ("per_cell", c)) for c in shown_cells),
+    )
+    tables = []
+    for n, model in models.items():
+        gradcam = model["attention"].get("gradcam", {})
+        rows = []
+        for scope, key in scopes:
+            if key is None:
+                node = gradcam.get("overall", {})
+            else:
+                node = gradcam.get(key[0], {}).get(key[1], {})
+            rows.append(
+                {"scope": scope, "values": [ci_html(node.get(r, {}).get("share")) for r in regions]}
+            )
+        tables.append({"model": n, "rows": rows, "n": gradcam.get("n_images")})
+    return tables
+
+
+PERFORMANCE_DIFFERENCES = (
+    ("Accuracy", "accuracy_difference"),
+    ("Worst-group accuracy", "worst_group_accuracy_difference"),
+    ("Accuracy gap between groups", "accuracy_gap_difference"),
+    ("Counterfactual flip rate", "flip_rate_difference"),
+)
+
+
+def performance_differences(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per compared pair, the paired differences of the headline figures."""
+    return [
+        {
+            "a": c["a"],
+            "b": c["b"],
+            "rows": [
+                {"label": label, "value": points_html(c.get(key))}
+                for label, key in PERFORMANCE_DIFFERENCES
+            ],
+        }
+        for c in metrics.get("comparisons", [])
+    ]
+
+
+def attention_differences(metrics: dict[str, Any], regions: list[str]) -> list[dict[str, Any]]:
+    """Per compared pair, the paired difference of each region's Grad-CAM share."""
+    data = metrics["data"]
+    return [
+        {
+            "a": c["a"],
+            "b": c["b"],
+            "rows": [
+                {
+                    "region": region_label(r, data),
+                    "value": points_html(c["attention_share_difference"].get(r)),
+                }
+                for r in regions
+            ],
+        }
+        for c in metrics.get("comparisons", [])
+    ]
+
+
+def per_cell_rows(models: dict[str, Any], shown_cells: list[str]) -> list[dict[str, Any]]:
+    """Per shown cell, each model's accuracy (95% CI) and the cell's number of images."""
+    rows = []
+    for c in shown_cells:
+        per_cell = [m["performance"]["per_cell"] for m in models.values()]
+        n = next((cells[c]["n"] for cells in per_cell if c in cells), 0)
+        rows.append({"cell": c, "values": [ci_html(cells.get(c), 1) for cells in per_cell], "n": n})
+    return rows
+
+
 def build_context(run_dir: Path) -> dict[str, Any]:
     """Everything the template shows, computed from the run folder."""
     run_dir = Path(run_dir)
@@ -376,13 +526,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     groups = data["groups"]
     model_colours = charts.model_colours(names)
     group_colours = charts.group_colours(groups)
-    regions = ["protected", "core"] + [r for r in data["regions"] if r not in ("person",)]
-    regions = [
-        r
-        for r in regions
-        if r in next(iter(models.values()))["attention"].get("gradcam", {}).get("overall", {})
-    ]
-    region_labels = [region_label(r, data) for r in regions]
+    regions = audited_regions(data, models)
 
     mistakes = mistakes_shown(metrics, by_model, config)
     all_cells = sorted(set(cells) | {c for m in mistakes.values() for c in m})
@@ -391,125 +535,8 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         n: {c: f"mistakes-{mi}-{cell_ids[c].split('-')[1]}" for c in mistakes[n]}
         for mi, n in enumerate(names)
     }
-
-    chart_cells = charts.grouped_bars(
-        shown_cells,
-        {n: [models[n]["performance"]["per_cell"].get(c) for c in shown_cells] for n in names},
-        "accuracy",
-        "Accuracy per class x group cell (95% CI)"
-        + (
-            f", the {len(shown_cells)} worst of {len(cells)}"
-            if len(shown_cells) < len(cells)
-            else ""
-        ),
-        model_colours,
-    )
-    attention_charts = []
-    for n in names:
-        gradcam = models[n]["attention"].get("gradcam", {})
-        series = {
-            g: [gradcam.get("per_group", {}).get(g, {}).get(r, {}).get("share") for r in regions]
-            for g in groups
-        }
-        attention_charts.append(
-            {
-                "model": n,
-                "uri": _svg_uri(
-                    charts.grouped_bars(
-                        region_labels,
-                        series,
-                        "share of Grad-CAM mass",
-                        f"{n}: where Grad-CAM looks, by group (95% CI)",
-                        group_colours,
-                    )
-                ),
-            }
-        )
-    reference = "area (uniform attention)"
-    compare_chart = charts.grouped_bars(
-        region_labels,
-        {
-            n: [
-                models[n]["attention"].get("gradcam", {}).get("overall", {}).get(r, {}).get("share")
-                for r in regions
-            ]
-            for n in names
-        }
-        | {
-            reference: [
-                {"value": data.get("region_area", {}).get(r), "ci_low": None, "ci_high": None}
-                for r in regions
-            ]
-        },
-        "share of Grad-CAM mass",
-        "Grad-CAM mass per region, models side by side (95% CI)",
-        model_colours,
-        reference=reference,
-    )
-    flip_chart = charts.grouped_bars(
-        groups,
-        {
-            n: [(models[n].get("counterfactual") or {}).get("per_group", {}).get(g) for g in groups]
-            for n in names
-        },
-        "flip rate",
-        "Counterfactual flip rate by group (95% CI)",
-        model_colours,
-    )
     train_splits, bias_trimmed = bias_rows(data, models)
     split_cells, all_cells, cells_by_group = split_tables(data)
-    attention_tables = []
-    for n in names:
-        gradcam = models[n]["attention"].get("gradcam", {})
-        rows = []
-        for scope, key in (
-            ("all", None),
-            *((f"group: {g}", ("per_group", g)) for g in groups),
-            *((f"class: {c}", ("per_class", c)) for c in data["classes"]),
-            *((f"cell: {c}", ("per_cell", c)) for c in shown_cells),
-        ):
-            node = (
-                gradcam.get("overall", {})
-                if key is None
-                else gradcam.get(key[0], {}).get(key[1], {})
-            )
-            rows.append(
-                {
-                    "scope": scope,
-                    "values": [ci_html(node.get(r, {}).get("share")) for r in regions],
-                }
-            )
-        attention_tables.append({"model": n, "rows": rows, "n": gradcam.get("n_images")})
-    perf_differences = [
-        {
-            "a": c["a"],
-            "b": c["b"],
-            "rows": [
-                {"label": label, "value": points_html(c.get(key))}
-                for label, key in (
-                    ("Accuracy", "accuracy_difference"),
-                    ("Worst-group accuracy", "worst_group_accuracy_difference"),
-                    ("Accuracy gap between groups", "accuracy_gap_difference"),
-                    ("Counterfactual flip rate", "flip_rate_difference"),
-                )
-            ],
-        }
-        for c in metrics.get("comparisons", [])
-    ]
-    differences = [
-        {
-            "a": comparison["a"],
-            "b": comparison["b"],
-            "rows": [
-                {
-                    "region": region_label(r, data),
-                    "value": points_html(comparison["attention_share_difference"].get(r)),
-                }
-                for r in regions
-            ],
-        }
-        for comparison in metrics.get("comparisons", [])
-    ]
     gates = metrics["gates"]
     for gate in gates:  # rows of earlier versions carry no status
         gate.setdefault("status", gate_status(gate))
@@ -543,21 +570,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "cells_by_group": cells_by_group,
         "bias_trimmed": bias_trimmed,
         "perf_rows": _perf_rows(metrics),
-        "per_cell_rows": [
-            {
-                "cell": c,
-                "values": [ci_html(models[n]["performance"]["per_cell"].get(c), 1) for n in names],
-                "n": next(
-                    (
-                        models[n]["performance"]["per_cell"][c]["n"]
-                        for n in names
-                        if c in models[n]["performance"]["per_cell"]
-                    ),
-                    0,
-                ),
-            }
-            for c in shown_cells
-        ],
+        "per_cell_rows": per_cell_rows(models, shown_cells),
         "cells_more": len(cells) - len(shown_cells),
         "confusions": [
             {"model": n, **models[n]["performance"]["confusion_matrix"]}
@@ -570,10 +583,10 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "mitigations": mitigations,
         "sections": numbered,
         "charts": {
-            "cells": _svg_uri(chart_cells),
-            "attention": attention_charts,
-            "compare": _svg_uri(compare_chart),
-            "flips": _svg_uri(flip_chart),
+            "cells": _svg_uri(cells_chart(models, shown_cells, len(cells), model_colours)),
+            "attention": attention_charts(models, data, regions, group_colours),
+            "compare": _svg_uri(compare_chart(models, data, regions, model_colours)),
+            "flips": _svg_uri(flip_chart(models, groups, model_colours)),
             "bias": _svg_uri(
                 charts.stacked_shares(
                     train_splits, "Group share within each class, per split", group_colours
@@ -583,10 +596,10 @@ def build_context(run_dir: Path) -> dict[str, Any]:
                 charts.colour_bar("Grad-CAM overlay colour: each map scaled to its own maximum")
             ),
         },
-        "regions": region_labels,
-        "attention_tables": attention_tables,
-        "differences": differences,
-        "perf_differences": perf_differences,
+        "regions": [region_label(r, data) for r in regions],
+        "attention_tables": attention_tables(models, data, regions, shown_cells),
+        "differences": attention_differences(metrics, regions),
+        "perf_differences": performance_differences(metrics),
         "counterfactual": {n: models[n].get("counterfactual") for n in names},
         "gallery": _gallery(
             run_dir, metrics, by_model, config, mistakes, PageIds(anchors, cell_ids)
