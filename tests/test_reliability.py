@@ -306,12 +306,12 @@ def test_a_shard_that_kills_every_ray_worker_stops_the_map_instead_of_looping(lo
     crash = "audit.pipeline.map:map_batch:crash"  # only in Ray workers: the driver is unharmed
     run = start(run_args(config_path, out, "--ray", "local", "--workers", 1), crash)
     try:
-        code, _, stderr = run.communicate(timeout=300)
+        _, stderr = run.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
         pytest.fail("the map kept retrying a shard that kills its worker")
     lines = stderr.strip().splitlines()
-    assert code == 2 and len(lines) == 1, stderr
+    assert run.returncode == 2 and len(lines) == 1, stderr
     assert lines[0].startswith("error: --ray local: the map failed on the cluster: "), stderr
     assert "--resume" in lines[0]
     assert (tmp_path / ".run.partial" / "resume.json").is_file() and not out.exists()
