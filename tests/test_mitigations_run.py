@@ -77,6 +77,12 @@ def test_a_run_records_selection_dfr_and_harm(small_dataset, tmp_path) -> None:
         c["val_worst_group_accuracy"] for c in selection["candidates"]
     )
     assert 1 <= chosen["best_epoch"] <= 2 and len(chosen["curve"]) == 2
+    # the model's entry (and so the report) names the chosen point's values, not the defaults
+    assert (
+        models["jtt"]["jtt_upweight"]
+        == selection["chosen"]["jtt_upweight"]
+        == chosen["values"]["jtt_upweight"]
+    )
     assert "selection" not in models["plain"]["history"]  # plain training is not selected
     dfr = models["dfr"]["dfr"]
     assert models["dfr"]["mitigation"] == "dfr" and dfr["layer"] == "fc"

@@ -63,13 +63,15 @@ def obtain_model(ctx: RunContext, spec: ModelConfig) -> tuple[nn.Module, dict[st
         info["n_train"] = len(plan.manifest.split(spec.train_split))
         if spec.init:
             info["init"] = spec.init
-        info |= spec.mitigation_config().resolved()
         if resumed:
             model.load_state_dict(read_state_dict(checkpoint))
             info["history"] = json.loads(history_file.read_text())
             ctx.log(f"{spec.name}: resumed with the model trained before the interruption")
         else:
             info |= train(ctx, spec, model)
+        # The hyperparameters the model was trained with: the selected grid point's, where one was.
+        chosen = (info["history"].get("selection") or {}).get("chosen") or {}
+        info |= spec.mitigation_config().with_values(chosen).resolved()
     model.to(plan.device).eval()
     if spec.mitigation == "dfr":  # the last layer retrained on the val split (audit.models.dfr)
         info |= {"mitigation": "dfr", "dfr": refit_last_layer(ctx, spec, model)}
