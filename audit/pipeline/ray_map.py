@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,20 +151,23 @@ def ray_map(
     threads = torch.get_num_threads()
     model_ref = ray.put(copy.deepcopy(model).cpu())
     items = ray.data.from_items([{"start": s, "end": e} for s, e in shards])
-    mapped = items.map_batches(
-        ShardMapper,
-        fn_constructor_kwargs={
-            "model_ref": model_ref,
-            "spec": spec,
-            "dataset": dataset,
-            "threads": threads,
-        },
-        batch_size=1,
-        concurrency=slots,
-        num_cpus=0 if gpus >= 1 else max(1, int(cpus) // slots),
-        num_gpus=1 if gpus >= 1 else 0,
-        max_task_retries=SHARD_RETRIES,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_task_retries only as an actor remote arg, which it marks deprecated.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        mapped = items.map_batches(
+            ShardMapper,
+            fn_constructor_kwargs={
+                "model_ref": model_ref,
+                "spec": spec,
+                "dataset": dataset,
+                "threads": threads,
+            },
+            batch_size=1,
+            concurrency=slots,
+            num_cpus=0 if gpus >= 1 else max(1, int(cpus) // slots),
+            num_gpus=1 if gpus >= 1 else 0,
+            max_task_retries=SHARD_RETRIES,
+        )
     ends = dict(shards)
     batches = iter(mapped.iter_batches(batch_format="pandas", batch_size=None))
     while True:
