@@ -219,7 +219,7 @@ def test_dfr_last_layer_equals_sklearn_logistic_regression(classes: int) -> None
             l1_ratio=1.0, C=record["C"], solver="liblinear", max_iter=1000, random_state=0
         )
         if classes == 2
-        else LogisticRegression(C=record["C"], max_iter=2000)
+        else LogisticRegression(C=record["C"], max_iter=10000, tol=1e-10)
     ).fit((features - mean) / std, labels, sample_weight=weights)
     expected = reference.predict_proba((features - mean) / std)
     with torch.no_grad():
