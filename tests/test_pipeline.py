@@ -288,8 +288,11 @@ def test_a_bad_image_stops_cleanly_or_is_skipped(small_dataset, tmp_path):
     assert metrics["models"]["a"]["bad_images"] == 1
 
 
-def test_ray_gives_the_same_results_as_a_local_run(reference, small_dataset, tmp_path):
+def test_ray_gives_the_same_results_as_a_local_run(reference, small_dataset, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    # "--ray local" starts its own Ray even where another cluster is announced (RAY_ADDRESS, or
+    # /tmp/ray/ray_current_cluster left by an earlier `ray start`).
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     config = one_model_config(tmp_path / "audit.toml", small_dataset)
     result = invoke(
         "run", config, "--out", tmp_path / "run", "--no-report", "--quiet", "--ray", "--workers", 2

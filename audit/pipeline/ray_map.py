@@ -109,6 +109,7 @@ def connect(address: str, workers: int, quiet: bool = False) -> None:
     try:
         if address == "local":
             ray.init(
+                address="local",  # a fresh instance, never a cluster found in /tmp/ray or RAY_ADDRESS
                 num_cpus=max(1, workers),
                 include_dashboard=False,
                 log_to_driver=False,
