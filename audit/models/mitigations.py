@@ -62,6 +62,8 @@ OWN_KEYS: dict[str, tuple[str, ...]] = {
     "dfr": (),
 }
 TRAINING_KEYS = ("lr", "weight_decay")  # TrainConfig values a grid may vary too
+# The strength of each penalty mitigation: at 0 the penalty is off and the model trains plainly.
+PENALTY_STRENGTH = {"right_reasons": "rrr_lambda", "attention_penalty": "attention_lambda"}
 # The grids tried when a model gives none: two or three values per mitigation, from the papers'
 # own searches, small enough for a CPU (each point is one training run).
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
@@ -154,6 +156,12 @@ class MitigationConfig:
             raise MitigationError(
                 f"mitigation {self.name!r} needs the protected regions' masks in the training split"
             )
+
+    def penalty_off(self) -> bool:
+        """True for a penalty mitigation at strength 0 (a grid point that lets selection switch
+        the penalty off): plain training, no input gradients, no penalty recorded."""
+        key = PENALTY_STRENGTH.get(self.name)
+        return key is not None and getattr(self, key) == 0
 
     def resolved(self) -> dict[str, Any]:
         """The chosen mitigation and only its own hyperparameters (for config.json and the report)."""

@@ -377,11 +377,7 @@ def train_model(
     best = _BestEpoch(model) if config.select_epoch else None
 
     bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not progress)
-    # A strength of 0 (a grid point that lets selection switch the penalty off) is plain training:
-    # no input gradients, no double backpropagation, no penalty recorded.
-    penalty_off = (name == "right_reasons" and mitigation.rrr_lambda == 0) or (
-        name == "attention_penalty" and mitigation.attention_lambda == 0
-    )
+    penalty_off = mitigation.penalty_off()  # strength 0: no double backpropagation
     for _epoch in bar:
         model.train()
         total = penalty_total = 0.0

@@ -504,9 +504,9 @@ def attention_differences(metrics: dict[str, Any], regions: list[str]) -> list[d
 
 def per_cell_rows(models: dict[str, Any], shown_cells: list[str]) -> list[dict[str, Any]]:
     """Per shown cell, each model's accuracy (95% CI) and the cell's number of images."""
+    per_cell = [m["performance"]["per_cell"] for m in models.values()]
     rows = []
     for c in shown_cells:
-        per_cell = [m["performance"]["per_cell"] for m in models.values()]
         n = next((cells[c]["n"] for cells in per_cell if c in cells), 0)
         rows.append({"cell": c, "values": [ci_html(cells.get(c), 1) for cells in per_cell], "n": n})
     return rows

@@ -19,18 +19,17 @@ from typing import Any
 import matplotlib.pyplot as plt
 from markupsafe import Markup
 
+from audit.models.mitigations import PENALTY_STRENGTH
 from audit.report import charts, sections
 from audit.report.fmt import ci_html, points_html
 
 PLAIN = sections.PLAIN
-# A penalty mitigation whose selection chose strength 0 trained without its penalty: plain training.
-STRENGTH_KEYS = {"right_reasons": "rrr_lambda", "attention_penalty": "attention_lambda"}
 
 
 def switched_off(model: dict[str, Any]) -> str | None:
     """The strength key when the model's penalty was switched off (strength 0), else None."""
     name, params = sections.mitigation_of(model)
-    key = STRENGTH_KEYS.get(name or "")
+    key = PENALTY_STRENGTH.get(name or "")
     if key is not None and params.get(key) == 0:
         return key
     return None
